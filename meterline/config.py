@@ -1,0 +1,127 @@
+"""Configuration from ``METERLINE_`` environment variables, one class per concern.
+
+The defaults give the embedded setup: a Tansu broker started by meterline,
+chDB in a local directory, gRPC on 50051 and HTTP on 8000. Point
+``METERLINE_KAFKA_BOOTSTRAP_SERVERS`` and ``METERLINE_CLICKHOUSE_URL`` at real
+servers to run against them instead.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _prefix(concern: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=f"METERLINE_{concern}", extra="ignore")
+
+
+class KafkaSettings(BaseSettings):
+    model_config = _prefix("KAFKA_")
+
+    bootstrap_servers: str = Field(
+        "",
+        description="host:port[,host:port]. Empty: start the embedded Tansu broker.",
+    )
+    topic: str = Field("usage.events", description="Topic of usage events.")
+    dead_letter_topic: str = Field(
+        "usage.events.dlq", description="Records that cannot be decoded or fail validation."
+    )
+    partitions: int = Field(
+        6, ge=1, description="Partitions for topics meterline creates when they are missing."
+    )
+    replication_factor: int = Field(1, ge=1, description="Replication of topics it creates.")
+    consumer_group: str = Field("meterline-pricing", description="The pricing pipeline's group.")
+    embedded_port: int = Field(
+        19092, description="Port of the embedded broker (used when bootstrap_servers is empty)."
+    )
+    request_timeout_ms: int = Field(30_000, description="Producer and admin request timeout.")
+
+
+class ClickHouseSettings(BaseSettings):
+    model_config = _prefix("CLICKHOUSE_")
+
+    url: str = Field(
+        "",
+        description="e.g. http://user:pass@host:8123/meterline. Empty: chDB under data_dir.",
+    )
+    database: str = Field("default", description="Database for a ClickHouse server.")
+
+
+class PipelineSettings(BaseSettings):
+    model_config = _prefix("PIPELINE_")
+
+    max_batch_events: int = Field(
+        5000,
+        ge=1,
+        description="Flush when this many records are buffered, or after max_batch_wait; "
+        "whichever happens first.",
+    )
+    max_batch_wait_ms: int = Field(1000, ge=1, description="Longest a record waits for a flush.")
+    catalog_refresh_s: float = Field(5.0, gt=0, description="How often new prices are loaded.")
+
+
+class IngestSettings(BaseSettings):
+    model_config = _prefix("GRPC_")
+
+    host: str = Field("127.0.0.1", description="Interface of the gRPC server.")
+    port: int = Field(50051, description="Port of the gRPC server (ingest).")
+    max_concurrent_rpcs: int = Field(256, ge=1, description="Back-pressure: RPCs in flight.")
+    max_events_per_request: int = Field(10_000, ge=1, description="Larger reports are refused.")
+    grace_s: float = Field(5.0, ge=0, description="In-flight RPCs get this long on shutdown.")
+
+
+class HttpSettings(BaseSettings):
+    model_config = _prefix("HTTP_")
+
+    host: str = Field("127.0.0.1", description="Interface of the HTTP API.")
+    port: int = Field(8000, description="Port of the HTTP API.")
+
+
+class EventRules(BaseSettings):
+    """Bounds an event must respect; shared by ingest (reject) and pipeline (dead-letter)."""
+
+    model_config = _prefix("EVENTS_")
+
+    max_past: timedelta = Field(timedelta(days=35), description="Oldest accepted occurred_at.")
+    max_future: timedelta = Field(
+        timedelta(minutes=5), description="Clock skew tolerated ahead of now."
+    )
+    max_tokens: int = Field(
+        100_000_000, description="Larger token counts in one request are rejected as absurd."
+    )
+    max_id_length: int = Field(128, description="Longest event, account and API key id.")
+    max_name_length: int = Field(256, description="Longest model and provider name.")
+    max_provider_usage_bytes: int = Field(16_384, description="Largest raw provider usage.")
+
+
+class Settings(BaseSettings):
+    """Everything, read once at start-up and passed in."""
+
+    model_config = _prefix("")
+
+    data_dir: Path = Field(
+        Path("meterline-data"), description="Where the embedded setup keeps chDB's files."
+    )
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    grpc: IngestSettings = Field(default_factory=IngestSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    events: EventRules = Field(default_factory=EventRules)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return not self.kafka.bootstrap_servers
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka.bootstrap_servers or f"127.0.0.1:{self.kafka.embedded_port}"

@@ -1,0 +1,90 @@
+"""ClickHouse in-process through chDB: the embedded default, no server to run.
+
+chDB allows one open data directory per process, and its session is not
+safe for concurrent use, so every call holds a lock. The pipeline and the
+HTTP API share one instance inside ``meterline up``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from meterline.warehouse.base import Value, WarehouseError
+
+
+def sql_param(value: Value) -> str | int | None:
+    """A parameter as text ClickHouse parses for any ``{name:Type}``."""
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    return value
+
+
+def format_datetime(value: datetime) -> str:
+    """UTC wall-clock text with microseconds, as DateTime64 accepts it."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return format_datetime(value)
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"cannot write {type(value).__name__} to the warehouse")
+
+
+class ChdbWarehouse:
+    """The warehouse in a local directory, through chDB."""
+
+    name = "chdb"
+
+    def __init__(self, path: str | Path) -> None:
+        from chdb import session  # imported here: loading the engine takes a moment
+
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._session = session.Session(str(self.path))
+        except Exception as exc:  # chDB raises plain RuntimeError for a locked directory
+            raise WarehouseError(
+                f"cannot open the embedded warehouse at {self.path}: {exc} "
+                "(is another meterline process using it?)"
+            ) from exc
+
+    def _run(self, sql: str, fmt: str, params: Mapping[str, Value] | None) -> Any:
+        bound = {k: sql_param(v) for k, v in (params or {}).items()}
+        with self._lock:
+            try:
+                return self._session.query(sql, fmt, params=bound or None)
+            except Exception as exc:
+                raise WarehouseError(str(exc)) from exc
+
+    def command(self, sql: str, params: Mapping[str, Value] | None = None) -> None:
+        self._run(sql, "CSV", params)
+
+    def query(self, sql: str, params: Mapping[str, Value] | None = None) -> list[dict[str, Any]]:
+        result = self._run(sql, "JSONEachRow", params)
+        text = result.bytes()
+        return [json.loads(line) for line in text.splitlines() if line]
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Value]]) -> None:
+        if not rows:
+            return
+        dumps = json.JSONEncoder(default=_json_value, ensure_ascii=False).encode
+        body = "\n".join(dumps(list(row)) for row in rows)
+        cols = ", ".join(columns)
+        self._run(f"INSERT INTO {table} ({cols}) FORMAT JSONCompactEachRow\n{body}", "CSV", None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()

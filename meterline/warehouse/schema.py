@@ -1,0 +1,171 @@
+"""Warehouse schema, applied at start-up as numbered, idempotent migrations.
+
+``usage_events`` holds every priced (or unpriced) event with its price
+provenance. ``sign`` is +1 for an event and -1 for the reversal of a row that
+an explicit re-pricing job replaced, so every sum is ``sum(x * sign)`` and
+history is never rewritten in place. Materialized views keep the hourly
+rollup and the dedupe keys up to date on every insert.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from meterline.warehouse.base import Warehouse
+
+log = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+
+#: Columns of usage_events in insert order.
+USAGE_EVENT_COLUMNS = (
+    "account_id",
+    "event_id",
+    "occurred_at",
+    "received_at",
+    "api_key_id",
+    "model",
+    "provider",
+    "status",
+    *TOKEN_COLUMNS,
+    "latency_ms",
+    "ttft_ms",
+    "priced",
+    "price_id",
+    "price_tier",
+    "cost_usd",
+    "sign",
+    "kafka_partition",
+    "kafka_offset",
+    "provider_usage_json",
+)
+
+_ROLLUP_SUMS = ",\n    ".join(f"sum({c} * sign) AS {c}" for c in TOKEN_COLUMNS)
+_ROLLUP_TYPES = ",\n    ".join(f"{c} Int64" for c in TOKEN_COLUMNS)
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "usage events, price versions, hourly rollup, dedupe keys",
+        (
+            """
+CREATE TABLE IF NOT EXISTS usage_events (
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC'),
+    received_at DateTime64(3, 'UTC'),
+    api_key_id String,
+    model String,
+    provider LowCardinality(String),
+    status LowCardinality(String),
+    input_tokens UInt64,
+    cached_input_tokens UInt64,
+    cache_write_5m_tokens UInt64,
+    cache_write_1h_tokens UInt64,
+    output_tokens UInt64,
+    reasoning_tokens UInt64,
+    latency_ms UInt32,
+    ttft_ms UInt32,
+    priced UInt8,
+    price_id String,
+    price_tier LowCardinality(String),
+    cost_usd Decimal(38, 12),
+    sign Int8,
+    kafka_partition Int32,
+    kafka_offset Int64,
+    provider_usage_json String CODEC(ZSTD(3)),
+    inserted_at DateTime64(3, 'UTC') DEFAULT now64(3)
+) ENGINE = MergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (account_id, occurred_at, event_id)
+""",
+            f"""
+CREATE TABLE IF NOT EXISTS usage_hourly (
+    account_id String,
+    hour DateTime('UTC'),
+    model String,
+    provider LowCardinality(String),
+    requests Int64,
+    unpriced_requests Int64,
+    {_ROLLUP_TYPES},
+    cost_usd Decimal(38, 12),
+    latency_ms_sum Int64
+) ENGINE = SummingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (account_id, hour, model, provider)
+""",
+            f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS usage_hourly_mv TO usage_hourly AS
+SELECT
+    account_id,
+    toStartOfHour(occurred_at) AS hour,
+    model,
+    provider,
+    sum(sign) AS requests,
+    sum((1 - priced) * sign) AS unpriced_requests,
+    {_ROLLUP_SUMS},
+    sum(cost_usd * sign) AS cost_usd,
+    sum(latency_ms * sign) AS latency_ms_sum
+FROM usage_events
+GROUP BY account_id, hour, model, provider
+""",
+            """
+CREATE TABLE IF NOT EXISTS event_keys (
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY
+""",
+            """
+CREATE MATERIALIZED VIEW IF NOT EXISTS event_keys_mv TO event_keys AS
+SELECT account_id, event_id, occurred_at FROM usage_events WHERE sign = 1
+""",
+            """
+CREATE TABLE IF NOT EXISTS price_versions (
+    price_id String,
+    model String,
+    provider String,
+    effective_from DateTime64(3, 'UTC'),
+    created_at DateTime64(3, 'UTC'),
+    source LowCardinality(String),
+    spec_json String
+) ENGINE = ReplacingMergeTree(created_at)
+ORDER BY (model, provider, effective_from, price_id)
+""",
+        ),
+    ),
+)
+
+
+def migrate(warehouse: Warehouse) -> list[int]:
+    """Apply the migrations not yet applied; returns the versions it applied."""
+    warehouse.command(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version UInt32, description String, applied_at DateTime64(3, 'UTC')) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    done = {int(r["version"]) for r in warehouse.query("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, description, statements in MIGRATIONS:
+        if version in done:
+            continue
+        for statement in statements:
+            warehouse.command(statement)
+        warehouse.insert(
+            "schema_migrations",
+            ("version", "description", "applied_at"),
+            [(version, description, datetime.now(UTC))],
+        )
+        log.info("warehouse migration %d applied: %s", version, description)
+        applied.append(version)
+    return applied
