@@ -37,7 +37,7 @@ def model_key(model: str) -> str:
 
 
 def _undated(key: str) -> str:
-    """"gpt-4-1-mini-2025-04-14" -> "gpt-4-1-mini": dated snapshots share a price."""
+    """ "gpt-4-1-mini-2025-04-14" -> "gpt-4-1-mini": dated snapshots share a price."""
     return _DATE_SUFFIX.sub("", key)
 
 
@@ -177,7 +177,15 @@ class PriceBook:
         now = datetime.now(UTC)
         self.warehouse.insert(
             "price_versions",
-            ("price_id", "model", "provider", "effective_from", "created_at", "source", "spec_json"),
+            (
+                "price_id",
+                "model",
+                "provider",
+                "effective_from",
+                "created_at",
+                "source",
+                "spec_json",
+            ),
             [
                 (
                     v.price_id,

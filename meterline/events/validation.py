@@ -123,7 +123,9 @@ def validate(event: usage_pb2.UsageEvent, *, now: datetime, rules: EventRules) -
         problems.append(f"status {event.status} is not a known RequestStatus")
 
     if len(event.provider_usage_json.encode()) > rules.max_provider_usage_bytes:
-        problems.append(f"provider_usage_json is larger than {rules.max_provider_usage_bytes} bytes")
+        problems.append(
+            f"provider_usage_json is larger than {rules.max_provider_usage_bytes} bytes"
+        )
 
     occurred_at = now
     if not event.HasField("occurred_at"):

@@ -18,13 +18,23 @@ from typing import Any
 from meterline.warehouse.base import Value, WarehouseError
 
 
-def sql_param(value: Value) -> str | int | None:
+def sql_param(value: Value | Sequence[Value]) -> str | int | None:
     """A parameter as text ClickHouse parses for any ``{name:Type}``."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, datetime):
         return format_datetime(value)
     if isinstance(value, Decimal):
         return format(value, "f")
     return value
+
+
+def _literal(value: Value) -> str:
+    """An array element as a ClickHouse literal."""
+    if isinstance(value, int):
+        return str(value)
+    text = str(sql_param(value))
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def format_datetime(value: datetime) -> str:

@@ -1,0 +1,219 @@
+"""The ``meterline`` command: one subcommand per service and pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pydantic import ValidationError
+
+from meterline.config import Settings
+
+
+def _run_service(main: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+    from meterline.runner import stop_on_signals
+
+    settings = Settings()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        await main(settings, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from meterline.runner import up
+
+    return _run_service(up)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from meterline.runner import ingest_only
+
+    return _run_service(ingest_only)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from meterline.runner import pipeline_only
+
+    return _run_service(pipeline_only)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from meterline.runner import api_only
+
+    return _run_service(api_only)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from meterline.simulate import simulate
+
+    totals = asyncio.run(
+        simulate(
+            args.target,
+            rate=args.rate,
+            duration_s=args.duration,
+            accounts=args.accounts,
+            batch_size=args.batch,
+            seed=args.seed,
+        )
+    )
+    return 0 if totals.accepted else 1
+
+
+def _price_book() -> Any:
+    from meterline.catalog import PriceBook
+    from meterline.warehouse import open_warehouse
+
+    return PriceBook(open_warehouse(Settings()))
+
+
+def cmd_catalog_list(args: argparse.Namespace) -> int:
+    from meterline.money import format_usd
+
+    catalog = _price_book().load()
+    versions = catalog.versions if args.all else catalog.current()
+    rows = [
+        (v.model, v.provider, v.effective_from.date().isoformat(), v.rates, v.price_id, v.source)
+        for v in versions
+        if not args.model or args.model.lower() in v.model.lower()
+    ]
+    print(
+        f"{'model':<28} {'provider':<10} {'from':<10} {'input':>8} {'cached':>8} "
+        f"{'output':>8}  {'price_id':<19} source"
+    )
+    for model, provider, start, rates, price_id, source in rows:
+        print(
+            f"{model:<28} {provider:<10} {start:<10} {format_usd(rates.input):>8} "
+            f"{format_usd(rates.cache_read):>8} {format_usd(rates.output):>8}  {price_id:<19} "
+            f"{source}"
+        )
+    print(f"{len(rows)} price versions; rates in USD per million tokens")
+    return 0
+
+
+def cmd_catalog_add(args: argparse.Namespace) -> int:
+    from meterline.catalog import parse_price
+
+    data = (
+        json.loads(args.json)
+        if args.json
+        else {
+            "model": args.model,
+            "provider": args.provider,
+            "effective_from": args.effective_from,
+            "rates": {
+                k: v
+                for k, v in {
+                    "input": args.input,
+                    "output": args.output,
+                    "cache_read": args.cache_read,
+                    "cache_write_5m": args.cache_write_5m,
+                    "cache_write_1h": args.cache_write_1h,
+                    "reasoning": args.reasoning,
+                    "request": args.request_fee,
+                }.items()
+                if v is not None
+            },
+        }
+    )
+    try:
+        version = parse_price(data, source="cli")
+    except ValueError as exc:
+        print(f"meterline: invalid price: {exc}", file=sys.stderr)
+        return 2
+    added = _price_book().add([version])
+    print(
+        f"{'added' if added else 'already present'}: {version.price_id} "
+        f"{version.model}/{version.provider} from {version.effective_from.isoformat()}"
+    )
+    return 0
+
+
+def cmd_catalog_import(args: argparse.Namespace) -> int:
+    from meterline.catalog.genai_import import import_versions
+
+    versions = import_versions(providers=args.provider or None)
+    added = _price_book().add(versions)
+    print(f"genai-prices: {len(versions)} price versions read, {len(added)} new")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meterline",
+        description="Usage metering and billing for LLM gateways. "
+        "Configuration comes from METERLINE_* environment variables (see README).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser(
+        "up", help="run everything on this machine (embedded Kafka and ClickHouse)"
+    ).set_defaults(func=cmd_up)
+    sub.add_parser("ingest", help="run the ingest gRPC service").set_defaults(func=cmd_ingest)
+    sub.add_parser("pipeline", help="run one pricing pipeline instance").set_defaults(
+        func=cmd_pipeline
+    )
+    sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
+
+    sim = sub.add_parser("simulate", help="act as a gateway: send usage over gRPC")
+    sim.add_argument("--target", default="127.0.0.1:50051", help="ingest address")
+    sim.add_argument("--rate", type=float, default=200.0, help="events per second")
+    sim.add_argument("--duration", type=float, default=10.0, help="seconds")
+    sim.add_argument("--accounts", type=int, default=20, help="distinct accounts")
+    sim.add_argument("--batch", type=int, default=50, help="events per ReportUsage call")
+    sim.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable mix")
+    sim.set_defaults(func=cmd_simulate)
+
+    catalog = sub.add_parser("catalog", help="list, add or import prices")
+    csub = catalog.add_subparsers(dest="catalog_command", required=True)
+    lst = csub.add_parser("list", help="prices in force (or --all versions)")
+    lst.add_argument("--all", action="store_true", help="every version, not only current")
+    lst.add_argument("--model", help="only models containing this text")
+    lst.set_defaults(func=cmd_catalog_list)
+    add = csub.add_parser("add", help="add a price version (USD per million tokens)")
+    add.add_argument("--json", help="the whole version as JSON instead of the flags")
+    add.add_argument("--model")
+    add.add_argument("--provider")
+    add.add_argument("--effective-from", help="ISO 8601 instant, e.g. 2026-12-01T00:00:00Z")
+    for rate in ("input", "output", "cache-read", "cache-write-5m", "cache-write-1h", "reasoning"):
+        add.add_argument(f"--{rate}", help=f"{rate} rate, USD per million tokens")
+    add.add_argument("--request-fee", help="USD per request")
+    add.set_defaults(func=cmd_catalog_add)
+    imp = csub.add_parser("import", help="load prices from genai-prices")
+    imp.add_argument("--provider", action="append", help="only this provider (repeatable)")
+    imp.set_defaults(func=cmd_catalog_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        print(f"meterline: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, RuntimeError) as exc:  # BrokerError, WarehouseError, a port in use
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

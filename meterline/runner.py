@@ -1,0 +1,229 @@
+"""Start and stop meterline's parts in one process, in the right order.
+
+``meterline up`` runs all of them; ``meterline ingest|pipeline|api`` run one
+each, against configured servers, for the distributed setup. Shutdown runs
+in reverse: stop taking reports, let the pipeline price what Kafka holds,
+commit, then stop the API, the warehouse and the embedded broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from meterline.catalog import PriceBook
+from meterline.config import Settings
+from meterline.kafka import EmbeddedBroker, ensure_topics, start_producer
+from meterline.services.api.app import MetricsSource, create_app
+from meterline.warehouse import Warehouse, open_warehouse
+
+log = logging.getLogger(__name__)
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the runner owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM set ``stop``; a second one is left to the default."""
+    loop = asyncio.get_running_loop()
+
+    def handle(sig: signal.Signals) -> None:
+        if stop.is_set():
+            loop.remove_signal_handler(sig)
+            signal.raise_signal(sig)
+        log.info("%s received, stopping", sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle, sig)
+
+
+@dataclass
+class Stack:
+    """What is running, for the banner and for orderly shutdown."""
+
+    settings: Settings
+    bootstrap_servers: str = ""
+    warehouse: Warehouse | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def kafka(settings: Settings, stack: Stack) -> AsyncIterator[str]:
+    """The configured Kafka, or an embedded Tansu broker; topics exist afterwards."""
+    broker = None
+    if settings.embedded_kafka:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        broker = EmbeddedBroker(
+            settings.kafka.embedded_port, log_path=settings.data_dir / "tansu.log"
+        )
+        await asyncio.to_thread(broker.start)
+        stack.endpoints["kafka"] = f"{broker.bootstrap_servers} (embedded Tansu, memory storage)"
+    else:
+        stack.endpoints["kafka"] = settings.kafka.bootstrap_servers
+    stack.bootstrap_servers = settings.bootstrap_servers
+    try:
+        await ensure_topics(stack.bootstrap_servers, settings.kafka)
+        yield stack.bootstrap_servers
+    finally:
+        if broker is not None:
+            await asyncio.to_thread(broker.stop)
+
+
+@contextlib.contextmanager
+def warehouse(settings: Settings, stack: Stack) -> Iterator[Warehouse]:
+    """The migrated warehouse, with the seed catalog loaded when it has no prices."""
+    wh = open_warehouse(settings)
+    added = PriceBook(wh).seed_if_empty()
+    if added:
+        log.info("loaded the seed catalog: %d price versions", added)
+    stack.warehouse = wh
+    stack.endpoints["clickhouse"] = (
+        settings.clickhouse.url or f"{settings.data_dir / 'chdb'} (embedded chDB)"
+    )
+    try:
+        yield wh
+    finally:
+        wh.close()
+
+
+class ApiServer:
+    """The Litestar app under uvicorn, started and stopped from the runner's loop."""
+
+    def __init__(self, settings: Settings, wh: Warehouse, metrics: MetricsSource | None) -> None:
+        self.address = f"http://{settings.http.host}:{settings.http.port}"
+        self.server = _ApiServer(
+            uvicorn.Config(
+                create_app(wh, metrics=metrics),
+                host=settings.http.host,
+                port=settings.http.port,
+                log_level="warning",
+                lifespan="on",
+            )
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                await self.task  # raises the reason it could not start
+                raise OSError(f"the HTTP API could not listen on {self.address}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+def print_banner(stack: Stack) -> None:
+    width = max(len(k) for k in stack.endpoints)
+    lines = [f"  {name:<{width}}  {where}" for name, where in stack.endpoints.items()]
+    print("meterline is up:\n" + "\n".join(lines) + "\nPress Ctrl-C to stop.", flush=True)
+
+
+async def _first_of(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
+    """Wait for a stop signal, or for a part to end on its own (a crash)."""
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    for task in done - {stopping}:
+        if task.exception() is not None:
+            log.error("a part of meterline stopped: %r", task.exception())
+
+
+async def up(settings: Settings, stop: asyncio.Event) -> None:
+    """Everything on one machine: broker, warehouse, ingest, pipeline, API."""
+    from meterline.pipelines.pricing.pipeline import PricingPipeline
+    from meterline.services.ingest.server import IngestServer
+
+    stack = Stack(settings)
+    async with kafka(settings, stack) as bootstrap:
+        with warehouse(settings, stack) as wh:
+            producer = await start_producer(bootstrap, settings.kafka)
+            ingest = IngestServer(
+                producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
+            )
+            await ingest.start()
+            stack.endpoints["ingest (gRPC)"] = ingest.address
+            pipeline = PricingPipeline(settings, wh, bootstrap)
+            pipeline_stop = asyncio.Event()
+            # A memory-only broker loses what is left in it: price it all before stopping.
+            drain_s = 60.0 if settings.embedded_kafka else 0.0
+            pipeline_task = asyncio.create_task(pipeline.run(pipeline_stop, drain_s=drain_s))
+            api = ApiServer(settings, wh, pipeline.metrics.as_dict)
+            await api.start()
+            stack.endpoints["HTTP API"] = api.address
+            stack.endpoints["pricing pipeline"] = (
+                f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
+            )
+            print_banner(stack)
+            try:
+                await _first_of(stop, pipeline_task)
+            finally:
+                await ingest.stop()
+                await producer.stop()
+                pipeline_stop.set()
+                with contextlib.suppress(Exception):
+                    await pipeline_task
+                await api.stop()
+    print(f"meterline stopped: {pipeline.metrics.as_dict()}", flush=True)
+
+
+async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
+    """The ingest gRPC server alone (scale it out behind a load balancer)."""
+    from meterline.services.ingest.server import IngestServer
+
+    stack = Stack(settings)
+    async with kafka(settings, stack) as bootstrap:
+        producer = await start_producer(bootstrap, settings.kafka)
+        ingest = IngestServer(
+            producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
+        )
+        await ingest.start()
+        stack.endpoints["ingest (gRPC)"] = ingest.address
+        print_banner(stack)
+        try:
+            await stop.wait()
+        finally:
+            await ingest.stop()
+            await producer.stop()
+
+
+async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:
+    """One pricing pipeline instance; run several, they share the consumer group."""
+    from meterline.pipelines.pricing.pipeline import PricingPipeline
+
+    stack = Stack(settings)
+    async with kafka(settings, stack) as bootstrap:
+        with warehouse(settings, stack) as wh:
+            pipeline = PricingPipeline(settings, wh, bootstrap)
+            stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
+            print_banner(stack)
+            await pipeline.run(stop)
+
+
+async def api_only(settings: Settings, stop: asyncio.Event) -> None:
+    """The HTTP API alone, over the configured warehouse."""
+    stack = Stack(settings)
+    with warehouse(settings, stack) as wh:
+        api = ApiServer(settings, wh, None)
+        await api.start()
+        stack.endpoints["HTTP API"] = api.address
+        print_banner(stack)
+        try:
+            await stop.wait()
+        finally:
+            await api.stop()

@@ -1,0 +1,342 @@
+"""The pricing pipeline: Kafka usage events -> priced rows in ClickHouse.
+
+One consumer group, any number of instances, batch-first. A flush is
+
+    decode -> validate -> dedupe in batch -> dedupe against the warehouse
+    -> price -> insert -> dead-letter the bad -> commit offsets
+
+and offsets are committed only after the insert, so a crash anywhere replays
+the batch. The replay is harmless: the warehouse's ``event_keys`` (filled by
+a materialized view in the same insert as the rows) already holds every
+event that was written, so those events are skipped, not counted twice.
+Partitions are given up only after the in-flight flush committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from meterline.catalog import Catalog, PriceBook
+from meterline.config import Settings
+from meterline.events import InvalidEvent, UsageRecord, decode, validate
+from meterline.money import picos_to_usd
+from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineMetrics:
+    """Counters since start; ``events_per_s`` and ``lag`` are from the last flush."""
+
+    consumed: int = 0
+    priced: int = 0
+    unpriced: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    flushes: int = 0
+    commit_failures: int = 0
+    lag: int = 0
+    events_per_s: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if k != "started_at"}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: ConsumerRecord[bytes, bytes]
+    reason: str
+
+
+class PricingPipeline:
+    """Consumes the usage topic, prices each event, writes it to the warehouse."""
+
+    def __init__(self, settings: Settings, warehouse: Warehouse, bootstrap_servers: str) -> None:
+        self.settings = settings
+        self.warehouse = warehouse
+        self.bootstrap_servers = bootstrap_servers
+        self.price_book = PriceBook(warehouse)
+        self.catalog = Catalog(())
+        self.metrics = PipelineMetrics()
+        self._buffer: list[ConsumerRecord[bytes, bytes]] = []
+        self._flush_lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._catalog_loaded_at = 0.0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, drain_s: float = 0.0) -> None:
+        """Consume until ``stop`` is set, then flush what is buffered and commit.
+
+        With ``drain_s``, keep consuming after ``stop`` until the assigned
+        partitions are empty or that many seconds passed: an embedded broker
+        keeps records in memory only, so they must be priced before it stops.
+        """
+        kafka = self.settings.kafka
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=kafka.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 << 20,
+            fetch_max_bytes=32 << 20,
+        )
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=False
+        )
+        await self._refresh_catalog(force=True)
+        await self._producer.start()
+        self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
+        await self._consumer.start()
+        log.info("pricing pipeline consuming %s as group %s", kafka.topic, kafka.consumer_group)
+        try:
+            await self._consume(stop)
+            if drain_s > 0:
+                await self._drain(drain_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.flush()
+            await self._consumer.stop()
+            await self._producer.stop()
+            log.info("pricing pipeline stopped: %s", self.metrics.as_dict())
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        assert self._consumer is not None
+        batch = self.settings.pipeline
+        first_buffered: float | None = None
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                fetch = asyncio.create_task(
+                    self._consumer.getmany(
+                        timeout_ms=batch.max_batch_wait_ms,
+                        max_records=batch.max_batch_events - len(self._buffer),
+                    )
+                )
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fetch
+                    break
+                for records in fetch.result().values():
+                    self._buffer.extend(records)
+                if self._buffer and first_buffered is None:
+                    first_buffered = time.monotonic()
+                waited_ms = 1000 * (time.monotonic() - (first_buffered or time.monotonic()))
+                if len(self._buffer) >= batch.max_batch_events or (
+                    self._buffer and waited_ms >= batch.max_batch_wait_ms
+                ):
+                    await self.flush()
+                    first_buffered = None
+                await self._refresh_catalog()
+        finally:
+            stopping.cancel()
+
+    async def _drain(self, limit_s: float) -> None:
+        assert self._consumer is not None
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            fetched = await self._consumer.getmany(
+                timeout_ms=200, max_records=self.settings.pipeline.max_batch_events
+            )
+            for records in fetched.values():
+                self._buffer.extend(records)
+            await self.flush()
+            if not fetched and await self._lag() == 0:
+                return
+        log.warning(
+            "stopped draining after %.0f s with %d records left", limit_s, await self._lag()
+        )
+
+    async def _refresh_catalog(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._catalog_loaded_at >= self.settings.pipeline.catalog_refresh_s:
+            self.catalog = await asyncio.to_thread(self.price_book.load)
+            self._catalog_loaded_at = now
+
+    # -- the flush ---------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write the buffered records and commit their offsets; safe to call any time."""
+        async with self._flush_lock:
+            records, self._buffer = self._buffer, []
+            if not records:
+                return
+            started = time.monotonic()
+            rows, dead, duplicates_in_batch = self._prepare(records)
+            written, duplicates_seen = await asyncio.to_thread(self._write, rows)
+            await self._dead_letter(dead)
+            await self._commit(records)
+            elapsed = time.monotonic() - started
+            m = self.metrics
+            m.consumed += len(records)
+            m.duplicates += duplicates_in_batch + duplicates_seen
+            m.dead_lettered += len(dead)
+            m.priced += sum(1 for r in written if r[_PRICED])
+            m.unpriced += sum(1 for r in written if not r[_PRICED])
+            m.flushes += 1
+            m.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
+            m.lag = await self._lag()
+            log.debug("flushed %d records in %.3f s: %s", len(records), elapsed, m.as_dict())
+
+    def _prepare(
+        self, records: Sequence[ConsumerRecord[bytes, bytes]]
+    ) -> tuple[list[tuple[object, ...]], list[DeadLetter], int]:
+        """Decode, validate, dedupe within the batch and price: pure CPU, no I/O."""
+        rules = self.settings.events
+        price_for = self.catalog.price_for
+        rows: list[tuple[object, ...]] = []
+        dead: list[DeadLetter] = []
+        seen: set[tuple[str, str]] = set()
+        duplicates = 0
+        for record in records:
+            received_at = datetime.fromtimestamp(record.timestamp / 1000, tz=UTC)
+            try:
+                event: UsageRecord = validate(decode(record.value), now=received_at, rules=rules)
+            except InvalidEvent as exc:
+                dead.append(DeadLetter(record, str(exc)))
+                continue
+            key = (event.account_id, event.event_id)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            price = price_for(event.model, event.provider, event.occurred_at)
+            usage = event.usage
+            if price is None:
+                priced, price_id, tier, picos = 0, "", "", 0
+            else:
+                cost = price.cost(usage)
+                priced, price_id, tier, picos = 1, cost.price_id, cost.tier, cost.picos
+            rows.append(
+                (
+                    event.account_id,
+                    event.event_id,
+                    event.occurred_at,
+                    received_at,
+                    event.api_key_id,
+                    event.model,
+                    event.provider,
+                    event.status,
+                    usage.input_tokens,
+                    usage.cached_input_tokens,
+                    usage.cache_write_5m_tokens,
+                    usage.cache_write_1h_tokens,
+                    usage.output_tokens,
+                    usage.reasoning_tokens,
+                    event.latency_ms,
+                    event.ttft_ms,
+                    priced,
+                    price_id,
+                    tier,
+                    picos_to_usd(picos),
+                    1,
+                    record.partition,
+                    record.offset,
+                    event.provider_usage_json,
+                )
+            )
+        return rows, dead, duplicates
+
+    def _write(self, rows: list[tuple[object, ...]]) -> tuple[list[tuple[object, ...]], int]:
+        """Skip events the warehouse already holds, insert the rest (blocking)."""
+        if not rows:
+            return rows, 0
+        accounts = sorted({r[0] for r in rows})
+        ids = sorted({r[1] for r in rows})
+        stored = {
+            (row["account_id"], row["event_id"])
+            for row in self.warehouse.query(
+                "SELECT account_id, event_id FROM event_keys "
+                "WHERE account_id IN {accounts:Array(String)} AND event_id IN {ids:Array(String)}",
+                {"accounts": accounts, "ids": ids},
+            )
+        }
+        fresh = [r for r in rows if (r[0], r[1]) not in stored]
+        self.warehouse.insert("usage_events", USAGE_EVENT_COLUMNS, fresh)  # type: ignore[arg-type]
+        return fresh, len(rows) - len(fresh)
+
+    async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
+        if not dead:
+            return
+        assert self._producer is not None
+        topic = self.settings.kafka.dead_letter_topic
+        sends = [
+            await self._producer.send(
+                topic,
+                key=d.record.key,
+                value=d.record.value,
+                headers=[
+                    ("reason", d.reason.encode()),
+                    ("source.topic", d.record.topic.encode()),
+                    ("source.partition", str(d.record.partition).encode()),
+                    ("source.offset", str(d.record.offset).encode()),
+                ],
+            )
+            for d in dead
+        ]
+        await asyncio.gather(*sends)
+        for d in dead[:5]:
+            log.warning(
+                "dead-lettered %s[%d]@%d: %s",
+                d.record.topic,
+                d.record.partition,
+                d.record.offset,
+                d.reason,
+            )
+
+    async def _commit(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        assert self._consumer is not None
+        offsets: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The rows are written; whoever owns these partitions now replays the
+            # records and the warehouse's event keys turn them into duplicates.
+            self.metrics.commit_failures += 1
+            log.warning("offset commit failed, records will be replayed and deduped: %s", exc)
+
+    async def _lag(self) -> int:
+        """Records on the assigned partitions not yet consumed."""
+        assert self._consumer is not None
+        lag = 0
+        with contextlib.suppress(KafkaError, AssertionError):
+            for tp in self._consumer.assignment():
+                high = self._consumer.highwater(tp)
+                if high is not None:
+                    lag += max(0, high - await self._consumer.position(tp))
+        return lag
+
+
+_PRICED = USAGE_EVENT_COLUMNS.index("priced")
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Before partitions move to another instance, write and commit what we hold."""
+
+    def __init__(self, pipeline: PricingPipeline) -> None:
+        self.pipeline = pipeline
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        if revoked:
+            await self.pipeline.flush()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
