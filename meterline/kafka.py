@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -68,8 +69,22 @@ class EmbeddedBroker:
                 "to another port, or METERLINE_KAFKA_BOOTSTRAP_SERVERS to use that broker"
             )
         url = f"tcp://127.0.0.1:{self.port}"
-        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self._process = subprocess.Popen(
+        with contextlib.ExitStack() as files:
+            output = files.enter_context(open(self.log_path, "ab")) if self.log_path else None
+            self._process = self._spawn(binary, url, output)
+        deadline = time.monotonic() + timeout_s
+        while not _port_open(self.port):
+            if self._process.poll() is not None:
+                raise BrokerError(f"Tansu broker exited with code {self._process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"Tansu broker did not listen on {url} within {timeout_s} s")
+            time.sleep(0.05)
+        log.info("embedded Tansu broker on %s", url)
+
+    @staticmethod
+    def _spawn(binary: str, url: str, output: IO[bytes] | None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 binary,
                 "broker",
@@ -80,19 +95,10 @@ class EmbeddedBroker:
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            stdout=output,
+            stdout=output if output is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
-        deadline = time.monotonic() + timeout_s
-        while not _port_open(self.port):
-            if self._process.poll() is not None:
-                raise BrokerError(f"Tansu broker exited with code {self._process.returncode}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BrokerError(f"Tansu broker did not listen on {url} within {timeout_s} s")
-            time.sleep(0.05)
-        log.info("embedded Tansu broker on %s", url)
 
     def stop(self) -> None:
         if self._process is None:

@@ -1,0 +1,158 @@
+"""Real parts for the tests: a Tansu broker on a free port and chDB in a temp dir.
+
+chDB opens one data directory per process, so the whole session shares one
+warehouse; tests keep apart by using their own account ids, topics and
+consumer groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from meterline.catalog import PriceBook
+from meterline.config import IngestSettings, KafkaSettings, PipelineSettings, Settings
+from meterline.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
+from meterline.pipelines.pricing.pipeline import PricingPipeline
+from meterline.services.ingest.server import IngestServer
+from meterline.usage import usage_report
+from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
+from meterline.warehouse import Warehouse
+from meterline.warehouse.chdb import ChdbWarehouse
+from meterline.warehouse.schema import migrate
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with EmbeddedBroker(free_port(), log_path=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warehouse]:
+    wh = ChdbWarehouse(tmp_path_factory.mktemp("chdb"))
+    migrate(wh)
+    PriceBook(wh).seed_if_empty()
+    yield wh
+    wh.close()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
+    """Settings with this test's own topics and group, and quick flushes."""
+    topic = unique("usage")
+    return Settings(
+        data_dir=tmp_path,
+        kafka=KafkaSettings(
+            bootstrap_servers=broker.bootstrap_servers,
+            topic=topic,
+            dead_letter_topic=f"{topic}.dlq",
+            consumer_group=unique("pricing"),
+            partitions=4,
+        ),
+        pipeline=PipelineSettings(max_batch_events=500, max_batch_wait_ms=100),
+        grpc=IngestSettings(port=0),
+    )
+
+
+def event(
+    account_id: str,
+    *,
+    event_id: str | None = None,
+    model: str = "openai/gpt-4.1-mini",
+    provider: str = "openai",
+    occurred_at: datetime | None = None,
+    **counts: int,
+) -> usage_pb2.UsageEvent:
+    """A usage event as a gateway would report it."""
+    ts = Timestamp()
+    ts.FromDatetime(occurred_at or datetime.now(UTC))
+    return usage_pb2.UsageEvent(
+        event_id=event_id or str(uuid.uuid4()),
+        occurred_at=ts,
+        account_id=account_id,
+        api_key_id="key-1",
+        model=model,
+        provider=provider,
+        status=usage_pb2.REQUEST_STATUS_OK,
+        latency_ms=counts.pop("latency_ms", 900),
+        ttft_ms=counts.pop("ttft_ms", 300),
+        **counts,
+    )
+
+
+@dataclass
+class Stack:
+    """Ingest + pipeline on the test broker and warehouse."""
+
+    settings: Settings
+    warehouse: Warehouse
+    ingest: ingest_pb2_grpc.IngestServiceStub
+    pipelines: list[tuple[PricingPipeline, asyncio.Event, asyncio.Task[None]]]
+
+    def start_pipeline(self) -> PricingPipeline:
+        pipeline = PricingPipeline(self.settings, self.warehouse, self.settings.bootstrap_servers)
+        stop = asyncio.Event()
+        self.pipelines.append((pipeline, stop, asyncio.create_task(pipeline.run(stop))))
+        return pipeline
+
+    async def stop_pipelines(self) -> None:
+        for _, stop, task in self.pipelines:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await task
+        self.pipelines.clear()
+
+    async def report(self, *events: usage_pb2.UsageEvent) -> ingest_pb2.ReportUsageResponse:
+        return await self.ingest.ReportUsage(ingest_pb2.ReportUsageRequest(events=events))
+
+    async def wait_for_requests(
+        self, account_id: str, expected: int, timeout_s: float = 20.0
+    ) -> dict[str, object]:
+        """Poll the usage query until the account shows ``expected`` requests."""
+        deadline = time.monotonic() + timeout_s
+        start, end = datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC)
+        while True:
+            report = await asyncio.to_thread(usage_report, self.warehouse, account_id, start, end)
+            if report.totals.requests >= expected or time.monotonic() > deadline:
+                return report.to_json()
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def stack(settings: Settings, warehouse: Warehouse) -> AsyncIterator[Stack]:
+    await ensure_topics(settings.bootstrap_servers, settings.kafka)
+    producer = await start_producer(settings.bootstrap_servers, settings.kafka)
+    server = IngestServer(
+        producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    running = Stack(settings, warehouse, ingest_pb2_grpc.IngestServiceStub(channel), [])
+    try:
+        yield running
+    finally:
+        await running.stop_pipelines()
+        await channel.close()
+        await server.stop()
+        await producer.stop()
+
+
+@pytest.fixture
+def account_id() -> str:
+    return unique("acct")
