@@ -15,7 +15,7 @@ from typing import Annotated, Any, cast
 from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
 
 from meterline.catalog import PriceBook, model_key, parse_price
@@ -37,18 +37,20 @@ def _utc(value: datetime | None, default: datetime) -> datetime:
 @get("/v1/accounts/{account_id:str}/usage", summary="Usage and cost of an account")
 async def account_usage(
     state: State,
-    account_id: str,
+    account_id: FromPath[str],
     start: Annotated[
         datetime | None,
-        Parameter(query="from", description="Start, inclusive (ISO 8601). Default: month start."),
+        QueryParameter(
+            name="from", description="Start, inclusive (ISO 8601). Default: month start."
+        ),
     ] = None,
     end: Annotated[
         datetime | None,
-        Parameter(query="to", description="End, exclusive (ISO 8601). Default: now."),
+        QueryParameter(name="to", description="End, exclusive (ISO 8601). Default: now."),
     ] = None,
     group_by: Annotated[
         list[str] | None,
-        Parameter(description="Any of model, provider, day; repeat or comma-separate."),
+        QueryParameter(description="Any of model, provider, day; repeat or comma-separate."),
     ] = None,
 ) -> dict[str, object]:
     """Requests, token counts and ``cost_usd`` for the range, in total and per group."""
@@ -84,9 +86,9 @@ def _version_json(version: PriceVersion) -> dict[str, object]:
 @get("/v1/catalog/prices", summary="Prices in force")
 async def current_prices(
     state: State,
-    at: Annotated[datetime | None, Parameter(description="Instant (default now).")] = None,
-    model: str | None = None,
-    provider: str | None = None,
+    at: Annotated[datetime | None, QueryParameter(description="Instant (default now).")] = None,
+    model: FromQuery[str | None] = None,
+    provider: FromQuery[str | None] = None,
 ) -> list[dict[str, object]]:
     """One price per (model, provider): the version in force at ``at``."""
     catalog = await asyncio.to_thread(PriceBook(state.warehouse).load)
@@ -96,7 +98,7 @@ async def current_prices(
 
 @get("/v1/catalog/versions", summary="Every price version")
 async def price_versions(
-    state: State, model: str | None = None, provider: str | None = None
+    state: State, model: FromQuery[str | None] = None, provider: FromQuery[str | None] = None
 ) -> list[dict[str, object]]:
     """All versions, oldest first per (model, provider): the catalog's history."""
     catalog = await asyncio.to_thread(PriceBook(state.warehouse).load)
@@ -115,7 +117,7 @@ def _matching(
 
 
 @post("/v1/catalog/prices", summary="Add a price version", status_code=HTTP_201_CREATED)
-async def add_price(state: State, data: dict[str, Any]) -> dict[str, object]:
+async def add_price(state: State, data: JSONBody[dict[str, Any]]) -> dict[str, object]:
     """Add a version; it prices events from its ``effective_from`` on.
 
     Rates are decimal strings in dollars per million tokens, e.g.
