@@ -94,9 +94,7 @@ async def test_rollup_and_raw_events_agree(client: Client, account_with_usage: s
         await client.get(url, params={"from": "2026-11-02T09:00:00Z", "to": "2026-11-02T10:00:00Z"})
     ).json()
     raw = (
-        await client.get(
-            url, params={"from": "2026-11-02T08:30:00Z", "to": "2026-11-02T10:00:00Z"}
-        )
+        await client.get(url, params={"from": "2026-11-02T08:30:00Z", "to": "2026-11-02T10:00:00Z"})
     ).json()
     cut = (
         await client.get(

@@ -91,6 +91,7 @@ class PricingPipeline:
             group_id=kafka.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            heartbeat_interval_ms=1000,  # notice rebalances quickly: partitions move sooner
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=32 << 20,
         )
