@@ -147,6 +147,31 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprice(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from meterline.pipelines.repricing.job import reprice_unpriced
+    from meterline.warehouse import open_warehouse
+
+    def moment(text: str) -> datetime:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    result = reprice_unpriced(open_warehouse(Settings()), moment(args.start), moment(args.end))
+    print(
+        f"repricing run {result.run_id}: {result.examined} unpriced events examined, "
+        f"{result.repriced} priced, ${result.cost_added_usd} added"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from meterline.warehouse.schema import schema_sql
+
+    print(schema_sql(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meterline",
@@ -173,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch", type=int, default=50, help="events per ReportUsage call")
     sim.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable mix")
     sim.set_defaults(func=cmd_simulate)
+
+    sub.add_parser("schema", help="print the warehouse DDL").set_defaults(func=cmd_schema)
+    rep = sub.add_parser("reprice", help="price events stored unpriced, now that prices exist")
+    rep.add_argument("--from", dest="start", required=True, help="ISO 8601 start, inclusive")
+    rep.add_argument("--to", dest="end", required=True, help="ISO 8601 end, exclusive")
+    rep.set_defaults(func=cmd_reprice)
 
     catalog = sub.add_parser("catalog", help="list, add or import prices")
     csub = catalog.add_subparsers(dest="catalog_command", required=True)
