@@ -102,8 +102,12 @@ class Stack:
 
     settings: Settings
     warehouse: Warehouse
-    ingest: ingest_pb2_grpc.IngestServiceStub
+    channel: grpc.aio.Channel
     pipelines: list[tuple[PricingPipeline, asyncio.Event, asyncio.Task[None]]]
+
+    @property
+    def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
+        return ingest_pb2_grpc.IngestServiceStub(self.channel)
 
     def start_pipeline(self) -> PricingPipeline:
         pipeline = PricingPipeline(self.settings, self.warehouse, self.settings.bootstrap_servers)
@@ -143,7 +147,7 @@ async def stack(settings: Settings, warehouse: Warehouse) -> AsyncIterator[Stack
     )
     await server.start()
     channel = grpc.aio.insecure_channel(server.address)
-    running = Stack(settings, warehouse, ingest_pb2_grpc.IngestServiceStub(channel), [])
+    running = Stack(settings, warehouse, channel, [])
     try:
         yield running
     finally:
