@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +124,12 @@ class Stack:
 
     async def report(self, *events: usage_pb2.UsageEvent) -> ingest_pb2.ReportUsageResponse:
         return await self.ingest.ReportUsage(ingest_pb2.ReportUsageRequest(events=events))
+
+    async def eventually(self, condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        """Wait until ``condition()`` holds, e.g. a pipeline counter after its commit."""
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                await asyncio.sleep(0.05)
 
     async def wait_for_requests(
         self, account_id: str, expected: int, timeout_s: float = 20.0

@@ -48,7 +48,8 @@ async def test_a_report_sent_twice_counts_once(stack: Stack, account_id: str) ->
 
     assert usage["totals"]["requests"] == 5
     assert usage["totals"]["input_tokens"] == 500
-    assert stack.pipelines[0][0].metrics.duplicates == 6
+    metrics = stack.pipelines[0][0].metrics
+    await stack.eventually(lambda: metrics.duplicates == 6)
 
 
 async def test_unknown_model_is_stored_unpriced(stack: Stack, account_id: str) -> None:
@@ -70,7 +71,8 @@ async def test_unknown_model_is_stored_unpriced(stack: Stack, account_id: str) -
     assert usage["totals"]["unpriced_requests"] == 1
     assert usage["totals"]["input_tokens"] == 1_000_007
     assert usage["totals"]["cost_usd"] == "0.4"
-    assert stack.pipelines[0][0].metrics.unpriced == 1
+    metrics = stack.pipelines[0][0].metrics
+    await stack.eventually(lambda: metrics.unpriced == 1)
     rows = stack.warehouse.query(
         "SELECT priced, price_id, toString(cost_usd) AS cost FROM usage_events "
         "WHERE account_id = {a:String} AND provider = 'acme'",
@@ -120,7 +122,8 @@ async def test_malformed_records_go_to_the_dead_letter_topic(stack: Stack, accou
     assert reasons[1].startswith("empty record")
     assert "meterline.v1.UsageEvent" in reasons[2]
     assert {dict(r.headers)["source.topic"].decode() for r in letters} == {settings.kafka.topic}
-    assert stack.pipelines[0][0].metrics.dead_lettered == 3
+    metrics = stack.pipelines[0][0].metrics
+    await stack.eventually(lambda: metrics.dead_lettered == 3)
 
 
 async def test_ingest_rejects_bad_events_with_their_reasons(stack: Stack, account_id: str) -> None:
