@@ -107,7 +107,8 @@ class Gateway:
         )
 
 
-def _usage(event: usage_pb2.UsageEvent) -> TokenUsage:
+def token_usage(event: usage_pb2.UsageEvent) -> TokenUsage:
+    """The token counts of a wire event."""
     return TokenUsage(
         input_tokens=event.input_tokens,
         cached_input_tokens=event.cached_input_tokens,
@@ -175,7 +176,7 @@ def _count(
         totals.reasons[result.reason] += 1
         return
     totals.accepted += 1
-    usage = _usage(event)
+    usage = token_usage(event)
     for name in TokenUsage.__slots__:
         totals.tokens[name] += getattr(usage, name)
     price = catalog.price_for(event.model, event.provider, event.occurred_at.ToDatetime(tzinfo=UTC))

@@ -30,6 +30,7 @@ from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
 from meterline.warehouse import Warehouse
 from meterline.warehouse.chdb import ChdbWarehouse
 from meterline.warehouse.schema import migrate
+from support.chdb_http import ChdbHttpServer
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +41,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture(scope="session")
-def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Warehouse]:
+def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChdbWarehouse]:
     wh = ChdbWarehouse(tmp_path_factory.mktemp("chdb"))
     migrate(wh)
     PriceBook(wh).seed_if_empty()
     yield wh
     wh.close()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url(warehouse: ChdbWarehouse) -> Iterator[str]:
+    """The session's chDB behind ClickHouse's HTTP interface, for clickhouse-connect."""
+    server = ChdbHttpServer(warehouse._session, warehouse._lock)
+    yield server.start()
+    server.stop()
 
 
 def unique(prefix: str) -> str:

@@ -1,0 +1,81 @@
+"""A ClickHouse server through clickhouse-connect: the production warehouse.
+
+Same SQL as the embedded chDB path. Parameters are bound server-side
+(``{name:Type}``) from the same text forms chDB gets, so a value means the
+same thing on both connections. Query results keep clickhouse-connect's
+Python types (``datetime``, ``date``, ``int``); callers cast money to
+``String`` in SQL, so money is decimal text on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from meterline.warehouse.base import Value, WarehouseError
+from meterline.warehouse.chdb import sql_param
+
+
+def _utc(value: Value) -> Value:
+    """Naive datetimes are UTC in meterline; say so, so the client does not guess."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class ClickHouseWarehouse:
+    """The warehouse on a ClickHouse server (HTTP interface)."""
+
+    name = "clickhouse"
+
+    def __init__(self, url: str, *, database: str = "default") -> None:
+        parsed = urlparse(url)
+        try:
+            self._client = clickhouse_connect.get_client(
+                host=parsed.hostname or "localhost",
+                port=parsed.port or (8443 if parsed.scheme == "https" else 8123),
+                username=parsed.username or "default",
+                password=parsed.password or "",
+                database=parsed.path.strip("/") or database,
+                secure=parsed.scheme == "https",
+            )
+        except Exception as exc:
+            raise WarehouseError(f"cannot reach ClickHouse at {parsed.hostname}: {exc}") from exc
+
+    @staticmethod
+    def _params(params: Mapping[str, Value] | None) -> dict[str, Any]:
+        """clickhouse-connect renders lists itself; scalars go as chDB gets them."""
+        return {
+            k: [sql_param(x) for x in v] if isinstance(v, list | tuple) else sql_param(v)
+            for k, v in (params or {}).items()
+        }
+
+    def command(self, sql: str, params: Mapping[str, Value] | None = None) -> None:
+        try:
+            self._client.command(sql, parameters=self._params(params))
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc)) from exc
+
+    def query(self, sql: str, params: Mapping[str, Value] | None = None) -> list[dict[str, Any]]:
+        try:
+            return list(self._client.query(sql, parameters=self._params(params)).named_results())
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc)) from exc
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Value]]) -> None:
+        if not rows:
+            return
+        try:
+            self._client.insert(
+                table, [[_utc(v) for v in row] for row in rows], column_names=list(columns)
+            )
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc)) from exc
+
+    def close(self) -> None:
+        self._client.close()
