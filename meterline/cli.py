@@ -73,7 +73,9 @@ def _price_book() -> Any:
     from meterline.catalog import PriceBook
     from meterline.warehouse import open_warehouse
 
-    return PriceBook(open_warehouse(Settings()))
+    book = PriceBook(open_warehouse(Settings()))
+    book.seed_if_empty()
+    return book
 
 
 def cmd_catalog_list(args: argparse.Namespace) -> int:

@@ -202,7 +202,11 @@ class PriceBook:
         return new
 
     def seed_if_empty(self) -> int:
-        """Load the shipped catalog into an empty warehouse; returns versions added."""
-        if self.warehouse.query("SELECT 1 FROM price_versions LIMIT 1"):
+        """Load the shipped catalog once, the first time; returns versions added.
+
+        Only once: a later release's seed must not add versions that would
+        compete with what the operator has since added or imported.
+        """
+        if self.warehouse.query("SELECT 1 FROM price_versions WHERE source = 'seed' LIMIT 1"):
             return 0
         return len(self.add(seed_versions()))
