@@ -95,21 +95,22 @@ def validate(event: usage_pb2.UsageEvent, *, now: datetime, rules: EventRules) -
             problems.append(f"{name} is negative ({count})")
         elif count > rules.max_tokens:
             problems.append(f"{name} is {count}, above the limit of {rules.max_tokens}")
-    cache = (
-        counts["cached_input_tokens"]
-        + counts["cache_write_5m_tokens"]
-        + counts["cache_write_1h_tokens"]
-    )
-    if cache > counts["input_tokens"]:
-        problems.append(
-            f"cached and cache-write tokens ({cache}) exceed input_tokens "
-            f"({counts['input_tokens']}); input_tokens must include them"
+    if all(count >= 0 for count in counts.values()):  # else the subsets say nothing more
+        cache = (
+            counts["cached_input_tokens"]
+            + counts["cache_write_5m_tokens"]
+            + counts["cache_write_1h_tokens"]
         )
-    if counts["reasoning_tokens"] > counts["output_tokens"]:
-        problems.append(
-            f"reasoning_tokens ({counts['reasoning_tokens']}) exceed output_tokens "
-            f"({counts['output_tokens']}); output_tokens must include them"
-        )
+        if cache > counts["input_tokens"]:
+            problems.append(
+                f"cached and cache-write tokens ({cache}) exceed input_tokens "
+                f"({counts['input_tokens']}); input_tokens must include them"
+            )
+        if counts["reasoning_tokens"] > counts["output_tokens"]:
+            problems.append(
+                f"reasoning_tokens ({counts['reasoning_tokens']}) exceed output_tokens "
+                f"({counts['output_tokens']}); output_tokens must include them"
+            )
 
     for name in ("latency_ms", "ttft_ms"):
         value = getattr(event, name)

@@ -72,6 +72,7 @@ class PricingPipeline:
         self.metrics = PipelineMetrics()
         self._buffer: list[ConsumerRecord[bytes, bytes]] = []
         self._flush_lock = asyncio.Lock()
+        self._inflight: asyncio.Task[None] | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._catalog_loaded_at = 0.0
@@ -141,8 +142,10 @@ class PricingPipeline:
                 if len(self._buffer) >= batch.max_batch_events or (
                     self._buffer and waited_ms >= batch.max_batch_wait_ms
                 ):
-                    await self.flush()
+                    await self.flush(wait=False)
                     first_buffered = None
+                elif self._inflight is not None and self._inflight.done():
+                    await self._settle()  # surface a failed write now, not at the next batch
                 await self._refresh_catalog()
         finally:
             stopping.cancel()
@@ -171,28 +174,52 @@ class PricingPipeline:
 
     # -- the flush ---------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Write the buffered records and commit their offsets; safe to call any time."""
+    async def flush(self, *, wait: bool = True) -> None:
+        """Hand the buffered records to the writer; with ``wait``, until committed.
+
+        Preparing a batch (CPU) overlaps the previous batch's write, since chDB
+        and the network release the GIL. Batches are written and committed in
+        order, one write in flight at a time, so a batch's dedupe check always
+        sees the rows of the batch before it.
+        """
         async with self._flush_lock:
             records, self._buffer = self._buffer, []
-            if not records:
-                return
-            started = time.monotonic()
-            rows, dead, duplicates_in_batch = self._prepare(records)
-            written, duplicates_seen = await asyncio.to_thread(self._write, rows)
-            await self._dead_letter(dead)
-            await self._commit(records)
-            elapsed = time.monotonic() - started
-            m = self.metrics
-            m.consumed += len(records)
-            m.duplicates += duplicates_in_batch + duplicates_seen
-            m.dead_lettered += len(dead)
-            m.priced += sum(1 for r in written if r[_PRICED])
-            m.unpriced += sum(1 for r in written if not r[_PRICED])
-            m.flushes += 1
-            m.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
-            m.lag = await self._lag()
-            log.debug("flushed %d records in %.3f s: %s", len(records), elapsed, m.as_dict())
+            prepared = self._prepare(records) if records else None
+            await self._settle()
+            if prepared is not None:
+                self._inflight = asyncio.create_task(self._complete(records, *prepared))
+            if wait:
+                await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for the write in flight, if any; its failure is raised here."""
+        if self._inflight is not None:
+            task, self._inflight = self._inflight, None
+            await task
+
+    async def _complete(
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        rows: list[tuple[object, ...]],
+        dead: list[DeadLetter],
+        duplicates_in_batch: int,
+    ) -> None:
+        """Insert, dead-letter, commit: the batch's I/O, in that order."""
+        started = time.monotonic()
+        written, duplicates_seen = await asyncio.to_thread(self._write, rows)
+        await self._dead_letter(dead)
+        await self._commit(records)
+        elapsed = time.monotonic() - started
+        m = self.metrics
+        m.consumed += len(records)
+        m.duplicates += duplicates_in_batch + duplicates_seen
+        m.dead_lettered += len(dead)
+        m.priced += sum(1 for r in written if r[_PRICED])
+        m.unpriced += sum(1 for r in written if not r[_PRICED])
+        m.flushes += 1
+        m.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
+        m.lag = await self._lag()
+        log.debug("wrote %d records in %.3f s: %s", len(records), elapsed, m.as_dict())
 
     def _prepare(
         self, records: Sequence[ConsumerRecord[bytes, bytes]]
