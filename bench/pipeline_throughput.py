@@ -87,7 +87,7 @@ async def pipeline_drain(settings: Settings, warehouse: ChdbWarehouse, events: i
     pipeline = PricingPipeline(run_settings, warehouse, settings.bootstrap_servers)
     stop = asyncio.Event()
     task = asyncio.create_task(pipeline.run(stop))
-    while pipeline._consumer is None or not pipeline._consumer.assignment():  # noqa: SLF001
+    while pipeline._consumer is None or not pipeline._consumer.assignment():
         await asyncio.sleep(0.01)
     started = time.perf_counter()
     while pipeline.metrics.consumed < events:
