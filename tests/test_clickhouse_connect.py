@@ -14,11 +14,12 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from conftest import unique
-from meterline.catalog import Catalog, PriceBook, seed_versions
+from meterline.catalog import PriceBook
 from meterline.config import Settings
 from meterline.kafka import EmbeddedBroker, ensure_topics, start_producer
 from meterline.simulate import Gateway, token_usage
@@ -96,11 +97,15 @@ def _rows(warehouse: Warehouse, accounts: list[str]) -> dict[str, object]:
 
 
 async def test_a_pipeline_process_killed_with_sigkill_loses_and_doubles_nothing(
-    broker: EmbeddedBroker, clickhouse_url: str, warehouse: Warehouse, settings: Settings
+    broker: EmbeddedBroker,
+    clickhouse_url: str,
+    warehouse: Warehouse,
+    settings: Settings,
+    tmp_path: Path,
 ) -> None:
     await ensure_topics(settings.bootstrap_servers, settings.kafka)
     gateway = Gateway(accounts=20, seed=5, run_tag=unique("kill"))
-    catalog = Catalog(seed_versions())
+    catalog = PriceBook(warehouse).load()  # the prices the pipeline will use
     producer = await start_producer(settings.bootstrap_servers, settings.kafka)
     expected_picos, total = 0, 6_000
     try:
@@ -127,10 +132,14 @@ async def test_a_pipeline_process_killed_with_sigkill_loses_and_doubles_nothing(
     command = [sys.executable, "-m", "meterline.cli", "pipeline"]
     accounts = gateway.accounts
 
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "pipeline.log"
+    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
+        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=output)
     deadline = time.monotonic() + 60
     while int(_rows(warehouse, accounts)["n"]) == 0:  # type: ignore[call-overload]
-        assert time.monotonic() < deadline and first.poll() is None, "the pipeline wrote nothing"
+        if first.poll() is not None:
+            raise AssertionError(f"the pipeline exited:\n{log.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, "the pipeline wrote nothing"
         time.sleep(0.02)
     first.send_signal(signal.SIGKILL)  # mid-stream: no flush, no commit, no leaving the group
     first.wait()

@@ -43,6 +43,9 @@ class ClickHouseWarehouse:
                 password=parsed.password or "",
                 database=parsed.path.strip("/") or database,
                 secure=parsed.scheme == "https",
+                # No server session: the pipeline writes while the catalog reloads
+                # from another thread, and a session allows one query at a time.
+                autogenerate_session_id=False,
             )
         except Exception as exc:
             raise WarehouseError(f"cannot reach ClickHouse at {parsed.hostname}: {exc}") from exc
