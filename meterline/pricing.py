@@ -47,6 +47,10 @@ class TokenUsage:
         )
 
 
+#: The token counts of a request, by name: the same in the proto, the warehouse and the API.
+TOKEN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TokenUsage))
+
+
 @dataclass(frozen=True, slots=True)
 class Rates:
     """US dollars per million tokens, plus a per-request fee in dollars.

@@ -144,37 +144,50 @@ async def _first_of(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
             log.error("a part of meterline stopped: %r", task.exception())
 
 
+@contextlib.asynccontextmanager
+async def ingest_server(settings: Settings, bootstrap: str, stack: Stack) -> AsyncIterator[None]:
+    """The ingest gRPC server and its producer; on exit, in-flight reports finish first."""
+    from meterline.services.ingest.server import IngestServer
+
+    producer = await start_producer(bootstrap, settings.kafka)
+    try:
+        server = IngestServer(
+            producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
+        )
+        await server.start()
+        stack.endpoints["ingest (gRPC)"] = server.address
+        try:
+            yield
+        finally:
+            await server.stop()
+    finally:
+        await producer.stop()
+
+
 async def up(settings: Settings, stop: asyncio.Event) -> None:
     """Everything on one machine: broker, warehouse, ingest, pipeline, API."""
     from meterline.pipelines.pricing.pipeline import PricingPipeline
-    from meterline.services.ingest.server import IngestServer
 
     stack = Stack(settings)
     async with kafka(settings, stack) as bootstrap:
         with warehouse(settings, stack) as wh:
-            producer = await start_producer(bootstrap, settings.kafka)
-            ingest = IngestServer(
-                producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
-            )
-            await ingest.start()
-            stack.endpoints["ingest (gRPC)"] = ingest.address
             pipeline = PricingPipeline(settings, wh, bootstrap)
             pipeline_stop = asyncio.Event()
             # A memory-only broker loses what is left in it: price it all before stopping.
             drain_s = 60.0 if settings.embedded_kafka else 0.0
             pipeline_task = asyncio.create_task(pipeline.run(pipeline_stop, drain_s=drain_s))
-            api = ApiServer(settings, wh, pipeline.metrics.as_dict)
-            await api.start()
-            stack.endpoints["HTTP API"] = api.address
             stack.endpoints["pricing pipeline"] = (
                 f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
             )
-            print_banner(stack)
+            api = ApiServer(settings, wh, pipeline.metrics.as_dict)
             try:
-                await _first_of(stop, pipeline_task)
+                await api.start()
+                stack.endpoints["HTTP API"] = api.address
+                async with ingest_server(settings, bootstrap, stack):
+                    print_banner(stack)
+                    await _first_of(stop, pipeline_task)
+                # Ingest has stopped taking reports: drain what Kafka holds, then stop.
             finally:
-                await ingest.stop()
-                await producer.stop()
                 pipeline_stop.set()
                 with contextlib.suppress(Exception):
                     await pipeline_task
@@ -184,22 +197,10 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
 
 async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
     """The ingest gRPC server alone (scale it out behind a load balancer)."""
-    from meterline.services.ingest.server import IngestServer
-
     stack = Stack(settings)
-    async with kafka(settings, stack) as bootstrap:
-        producer = await start_producer(bootstrap, settings.kafka)
-        ingest = IngestServer(
-            producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
-        )
-        await ingest.start()
-        stack.endpoints["ingest (gRPC)"] = ingest.address
+    async with kafka(settings, stack) as bootstrap, ingest_server(settings, bootstrap, stack):
         print_banner(stack)
-        try:
-            await stop.wait()
-        finally:
-            await ingest.stop()
-            await producer.stop()
+        await stop.wait()
 
 
 async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:

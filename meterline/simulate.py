@@ -24,7 +24,7 @@ from rich.table import Table
 
 from meterline.catalog import Catalog, seed_versions
 from meterline.money import format_usd
-from meterline.pricing import TokenUsage
+from meterline.pricing import TOKEN_FIELDS, TokenUsage
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
 
 #: (model as the gateway names it, provider, weight, reasoning model, cache kind)
@@ -177,7 +177,7 @@ def _count(
         return
     totals.accepted += 1
     usage = token_usage(event)
-    for name in TokenUsage.__slots__:
+    for name in TOKEN_FIELDS:
         totals.tokens[name] += getattr(usage, name)
     price = catalog.price_for(event.model, event.provider, event.occurred_at.ToDatetime(tzinfo=UTC))
     if price is None:

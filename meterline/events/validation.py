@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from google.protobuf.message import DecodeError
 
 from meterline.config import EventRules
-from meterline.pricing import TokenUsage
+from meterline.pricing import TOKEN_FIELDS, TokenUsage
 from meterline.v1 import usage_pb2
 
 _STATUS_NAMES = {
@@ -22,14 +22,6 @@ _STATUS_NAMES = {
     usage_pb2.REQUEST_STATUS_ERROR: "error",
     usage_pb2.REQUEST_STATUS_CANCELLED: "cancelled",
 }
-_TOKEN_FIELDS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-)
 _MAX_LATENCY_MS = 24 * 3600 * 1000
 
 
@@ -89,7 +81,7 @@ def validate(event: usage_pb2.UsageEvent, *, now: datetime, rules: EventRules) -
     model = text("model", rules.max_name_length)
     provider = text("provider", rules.max_name_length)
 
-    counts = {name: getattr(event, name) for name in _TOKEN_FIELDS}
+    counts = {name: getattr(event, name) for name in TOKEN_FIELDS}
     for name, count in counts.items():
         if count < 0:
             problems.append(f"{name} is negative ({count})")

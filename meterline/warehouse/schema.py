@@ -12,18 +12,12 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from meterline.pricing import TOKEN_FIELDS
 from meterline.warehouse.base import Warehouse
 
 log = logging.getLogger(__name__)
 
-TOKEN_COLUMNS = (
-    "input_tokens",
-    "cached_input_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-)
+TOKEN_COLUMNS = TOKEN_FIELDS
 
 #: Columns of usage_events in insert order.
 USAGE_EVENT_COLUMNS = (
