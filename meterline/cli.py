@@ -159,7 +159,9 @@ def cmd_reprice(args: argparse.Namespace) -> int:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
-    result = reprice_unpriced(open_warehouse(Settings()), moment(args.start), moment(args.end))
+    result = reprice_unpriced(
+        open_warehouse(Settings()), moment(args.start), moment(args.end), args.account or ()
+    )
     print(
         f"repricing run {result.run_id}: {result.examined} unpriced events examined, "
         f"{result.repriced} priced, ${result.cost_added_usd} added"
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reprice", help="price events stored unpriced, now that prices exist")
     rep.add_argument("--from", dest="start", required=True, help="ISO 8601 start, inclusive")
     rep.add_argument("--to", dest="end", required=True, help="ISO 8601 end, exclusive")
+    rep.add_argument("--account", action="append", help="only this account (repeatable)")
     rep.set_defaults(func=cmd_reprice)
 
     catalog = sub.add_parser("catalog", help="list, add or import prices")

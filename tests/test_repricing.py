@@ -42,8 +42,8 @@ async def test_unpriced_events_are_priced_once_a_price_exists(
     )
     now = datetime.now(UTC)
     window = (now - timedelta(days=1), now + timedelta(days=1))
-    result = reprice_unpriced(stack.warehouse, *window)
-    again = reprice_unpriced(stack.warehouse, *window)
+    result = reprice_unpriced(stack.warehouse, *window, accounts=[account_id])
+    again = reprice_unpriced(stack.warehouse, *window, accounts=[account_id])
 
     after = await stack.wait_for_requests(account_id, 2)
     assert result.repriced == 1

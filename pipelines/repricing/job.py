@@ -10,6 +10,7 @@ is recorded in ``repricing_runs``. Run one job at a time.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -27,11 +28,11 @@ SELECT {
     )
 }
 FROM usage_events
-WHERE priced = 0 AND sign = 1
+WHERE priced = 0 AND sign = 1 {{account_filter}}
   AND occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}}
   AND (account_id, event_id) IN (
       SELECT account_id, event_id FROM usage_events
-      WHERE occurred_at >= {{start:DateTime64(3, 'UTC')}}
+      WHERE occurred_at >= {{start:DateTime64(3, 'UTC')}} {{account_filter}}
         AND occurred_at < {{end:DateTime64(3, 'UTC')}}
       GROUP BY account_id, event_id
       HAVING sum(sign) = 1 AND sum(sign * priced) = 0
@@ -53,10 +54,22 @@ def _parse_time(value: object) -> datetime:
     return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
 
 
-def reprice_unpriced(warehouse: Warehouse, start: datetime, end: datetime) -> RepricingResult:
-    """Price the unpriced events of [start, end) that the catalog can price now."""
+def reprice_unpriced(
+    warehouse: Warehouse,
+    start: datetime,
+    end: datetime,
+    accounts: Sequence[str] = (),
+) -> RepricingResult:
+    """Price the unpriced events of [start, end) that the catalog can price now.
+
+    ``accounts`` limits the run to those accounts; empty means all of them.
+    """
     catalog = PriceBook(warehouse).load()
-    rows = warehouse.query(_UNPRICED_EVENTS, {"start": start, "end": end})
+    account_filter = "AND account_id IN {accounts:Array(String)}" if accounts else ""
+    rows = warehouse.query(
+        _UNPRICED_EVENTS.replace("{account_filter}", account_filter),
+        {"start": start, "end": end, "accounts": list(accounts)},
+    )
     column = {name: i for i, name in enumerate(USAGE_EVENT_COLUMNS)}
     out: list[tuple[object, ...]] = []
     total = 0
