@@ -68,7 +68,8 @@ class ChdbWarehouse:
         except Exception as exc:  # chDB raises plain RuntimeError for a locked directory
             raise WarehouseError(
                 f"cannot open the embedded warehouse at {self.path}: {exc} "
-                "(is another meterline process using it?)"
+                "(is `meterline up` running? chDB opens a directory in one process only: stop "
+                "it, or use the HTTP API, e.g. GET/POST /v1/catalog/prices)"
             ) from exc
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Value] | None) -> Any:
