@@ -8,6 +8,7 @@ import pytest
 
 from conftest import Stack, event, unique
 from meterline.pipelines.pricing.pipeline import PricingPipeline
+from meterline.warehouse import WarehouseError
 
 
 class Crash(Exception):
@@ -82,3 +83,25 @@ async def test_rebalancing_instances_count_every_event_once(stack: Stack) -> Non
         {"accounts": accounts},
     )
     assert rows == [{"n": sent, "distinct_events": sent}]
+
+
+async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(
+    stack: Stack, account_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    warehouse = stack.warehouse
+    real_insert = warehouse.insert
+    failures = iter([True, True])  # the warehouse refuses the first two writes
+
+    def flaky_insert(table: str, *args: object) -> None:
+        if table == "usage_events" and next(failures, False):
+            raise WarehouseError("Code: 210. DB::NetException: Connection refused")
+        real_insert(table, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(warehouse, "insert", flaky_insert)
+    pipeline = stack.start_pipeline()
+    await stack.report(*(event(account_id, input_tokens=1_000_000) for _ in range(3)))
+
+    usage = await stack.wait_for_requests(account_id, 3)
+
+    assert usage["totals"]["cost_usd"] == "1.2"
+    assert pipeline.metrics.write_retries == 2

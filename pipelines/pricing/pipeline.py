@@ -30,7 +30,7 @@ from meterline.catalog import Catalog, PriceBook
 from meterline.config import Settings
 from meterline.events import InvalidEvent, UsageRecord, decode, validate
 from meterline.money import picos_to_usd
-from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse
+from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class PipelineMetrics:
     dead_lettered: int = 0
     flushes: int = 0
     commit_failures: int = 0
+    write_retries: int = 0
     lag: int = 0
     events_per_s: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
@@ -73,6 +74,7 @@ class PricingPipeline:
         self._buffer: list[ConsumerRecord[bytes, bytes]] = []
         self._flush_lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()  # run()'s stop signal; ends write retries
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._catalog_loaded_at = 0.0
@@ -87,6 +89,7 @@ class PricingPipeline:
         keeps records in memory only, so they must be priced before it stops.
         """
         kafka = self.settings.kafka
+        self._stop = stop
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
             group_id=kafka.consumer_group,
@@ -206,7 +209,7 @@ class PricingPipeline:
     ) -> None:
         """Insert, dead-letter, commit: the batch's I/O, in that order."""
         started = time.monotonic()
-        written, duplicates_seen = await asyncio.to_thread(self._write, rows)
+        written, duplicates_seen = await self._write_until_stored(rows)
         await self._dead_letter(dead)
         await self._commit(records)
         elapsed = time.monotonic() - started
@@ -279,6 +282,28 @@ class PricingPipeline:
                 )
             )
         return rows, dead, duplicates
+
+    async def _write_until_stored(
+        self, rows: list[tuple[object, ...]]
+    ) -> tuple[list[tuple[object, ...]], int]:
+        """Retry a failed write with back-off: a warehouse outage pauses the pipeline.
+
+        Retrying is safe, since the dedupe check runs again each time. Once the
+        pipeline is stopping, the error is raised instead: the batch is not
+        committed and will be replayed.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(self._write, rows)
+            except WarehouseError as exc:
+                if self._stop.is_set():
+                    raise
+                self.metrics.write_retries += 1
+                log.warning("warehouse write failed, retrying in %.1f s: %s", delay, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 30.0)
 
     def _write(self, rows: list[tuple[object, ...]]) -> tuple[list[tuple[object, ...]], int]:
         """Skip events the warehouse already holds, insert the rest (blocking)."""
