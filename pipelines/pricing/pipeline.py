@@ -108,7 +108,7 @@ class PricingPipeline:
         await self._consumer.start()
         log.info("pricing pipeline consuming %s as group %s", kafka.topic, kafka.consumer_group)
         try:
-            await self._consume(stop)
+            await self._consume()
             if drain_s > 0:
                 await self._drain(drain_s)
         finally:
@@ -118,16 +118,20 @@ class PricingPipeline:
             await self._producer.stop()
             log.info("pricing pipeline stopped: %s", self.metrics.as_dict())
 
-    async def _consume(self, stop: asyncio.Event) -> None:
+    async def _consume(self) -> None:
+        """Fetch into the buffer; flush on max_batch_events or max_batch_wait_ms."""
         assert self._consumer is not None
         batch = self.settings.pipeline
         first_buffered: float | None = None
-        stopping = asyncio.create_task(stop.wait())
+        stopping = asyncio.create_task(self._stop.wait())
         try:
-            while not stop.is_set():
+            while not self._stop.is_set():
+                waited_ms = (
+                    0 if first_buffered is None else 1000 * (time.monotonic() - first_buffered)
+                )
                 fetch = asyncio.create_task(
                     self._consumer.getmany(
-                        timeout_ms=batch.max_batch_wait_ms,
+                        timeout_ms=max(1, int(batch.max_batch_wait_ms - waited_ms)),
                         max_records=batch.max_batch_events - len(self._buffer),
                     )
                 )
