@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from meterline.catalog import PriceBook
 from meterline.config import Settings
 
 
@@ -69,8 +70,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0 if totals.accepted else 1
 
 
-def _price_book() -> Any:
-    from meterline.catalog import PriceBook
+def _price_book() -> PriceBook:
+    """The catalog in the configured warehouse, seeded on first use like `up` does."""
     from meterline.warehouse import open_warehouse
 
     book = PriceBook(open_warehouse(Settings()))
