@@ -114,8 +114,14 @@ class ApiServer:
         )
         self.task: asyncio.Task[None] | None = None
 
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve()
+        except SystemExit:  # uvicorn exits the process when it cannot bind; we only fail
+            raise OSError(f"the HTTP API could not listen on {self.address}") from None
+
     async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve())
+        self.task = asyncio.create_task(self._serve())
         while not self.server.started:
             if self.task.done():
                 await self.task  # raises the reason it could not start
@@ -125,7 +131,8 @@ class ApiServer:
     async def stop(self) -> None:
         self.server.should_exit = True
         if self.task is not None:
-            await self.task
+            with contextlib.suppress(OSError):  # already raised by start()
+                await self.task
 
 
 def print_banner(stack: Stack) -> None:
