@@ -1,14 +1,16 @@
 """Batched ingest over gRPC, beside a raw aiokafka producer, in one run.
 
 Run by hand (``make bench``). Starts a Tansu broker and ``meterline ingest``
-as a separate process (so the client does not share its CPU-bound event
-loop), then sends the same pre-built events:
+in its own process (so the benchmark's gRPC client does not share the
+server's CPU-bound event loop), then sends the same pre-built events:
 
-* raw: an aiokafka producer (acks=all) writing them straight to the topic;
-* ingest: ``ReportUsage`` calls of ``--batch`` events, ``--concurrency`` at a
-  time; each call returns only after Kafka confirmed its events.
+* raw: an aiokafka producer (acks=all, meterline's producer settings)
+  writing them straight to the usage topic, from this process;
+* ingest: ``ReportUsage`` calls of ``--batches`` events each, ``--concurrency``
+  calls in flight; a call returns only after Kafka confirmed its events, so
+  this is validation + produce + the gRPC round trips.
 
-Medians over ``--repeats`` and their ratio are printed.
+Prints the median rate over ``--repeats`` of each, and ingest/raw.
 """
 
 from __future__ import annotations
@@ -46,28 +48,28 @@ async def raw_produce(
 
 
 async def grpc_ingest(
-    target: str, events: list[usage_pb2.UsageEvent], batch: int, concurrency: int
+    stub: ingest_pb2_grpc.IngestServiceStub,
+    events: list[usage_pb2.UsageEvent],
+    batch: int,
+    concurrency: int,
 ) -> float:
-    batches = [events[i : i + batch] for i in range(0, len(events), batch)]
-    queue: asyncio.Queue[list[usage_pb2.UsageEvent]] = asyncio.Queue()
-    for b in batches:
-        queue.put_nowait(b)
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+    requests = [
+        ingest_pb2.ReportUsageRequest(events=events[i : i + batch])
+        for i in range(0, len(events), batch)
+    ]
+    pending = iter(requests)
 
-        async def worker() -> None:
-            while not queue.empty():
-                response = await stub.ReportUsage(
-                    ingest_pb2.ReportUsageRequest(events=queue.get_nowait())
-                )
-                assert response.rejected == 0, response.results[0].reason
+    async def caller() -> None:
+        for request in pending:  # callers share the iterator: each takes the next request
+            response = await stub.ReportUsage(request)
+            assert response.rejected == 0, response.results[0].reason
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - started
 
 
-async def main(n: int, batch: int, concurrency: int, repeats: int) -> None:
+async def main(n: int, batches: list[int], concurrency: int, repeats: int) -> None:
     gateway = Gateway(accounts=200, seed=1, run_tag="bench")
     with EmbeddedBroker(free_port()) as broker:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, partitions=6)
@@ -84,29 +86,37 @@ async def main(n: int, batch: int, concurrency: int, repeats: int) -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            target = f"127.0.0.1:{port}"
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 await asyncio.wait_for(channel.channel_ready(), timeout=30)
-            raw, ingest = [], []
-            for _ in range(repeats):
-                events = [gateway.event() for _ in range(n)]  # fresh ids each repeat
-                raw.append(await raw_produce(broker.bootstrap_servers, kafka, events))
-                ingest.append(await grpc_ingest(target, events, batch, concurrency))
+                stub = ingest_pb2_grpc.IngestServiceStub(channel)
+                seconds: dict[str, list[float]] = {"raw": []} | {f"{b}": [] for b in batches}
+                for _ in range(repeats):
+                    events = [gateway.event() for _ in range(n)]  # fresh ids each repeat
+                    seconds["raw"].append(
+                        await raw_produce(broker.bootstrap_servers, kafka, events)
+                    )
+                    for b in batches:
+                        seconds[f"{b}"].append(await grpc_ingest(stub, events, b, concurrency))
         finally:
             server.terminate()
             server.wait()
-    raw_rate, ingest_rate = n / statistics.median(raw), n / statistics.median(ingest)
-    print(f"events: {n}, batch: {batch}, concurrent calls: {concurrency}, repeats: {repeats}")
-    print(f"raw aiokafka produce (acks=all): {raw_rate:,.0f} events/s (median)")
-    print(f"gRPC ReportUsage ingest:         {ingest_rate:,.0f} events/s (median)")
-    print(f"ratio ingest/raw:                {ingest_rate / raw_rate:.2f}")
+    raw_rate = n / statistics.median(seconds["raw"])
+    print(f"events: {n}, concurrent calls: {concurrency}, repeats: {repeats}")
+    print(f"raw aiokafka produce (acks=all):  {raw_rate:9,.0f} events/s (median)")
+    for b in batches:
+        rate = n / statistics.median(seconds[f"{b}"])
+        print(
+            f"ReportUsage, {b:5} events/call: {rate:9,.0f} events/s (median), "
+            f"ratio ingest/raw {rate / raw_rate:.2f}"
+        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--batches", default="100,1000", help="events per call, comma-separated")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.batch, args.concurrency, args.repeats))
+    sizes = [int(b) for b in args.batches.split(",")]
+    asyncio.run(main(args.events, sizes, args.concurrency, args.repeats))

@@ -100,12 +100,12 @@ async def pipeline_drain(settings: Settings, warehouse: ChdbWarehouse, events: i
     return elapsed
 
 
-async def main(events: int, repeats: int) -> None:
+async def main(events: int, repeats: int, batch: int | None) -> None:
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port()) as broker:
         settings = Settings(
             data_dir=Path(tmp),
             kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers, partitions=6),
-            pipeline=PipelineSettings(),
+            pipeline=PipelineSettings(**({"max_batch_events": batch} if batch else {})),
         )
         warehouse = ChdbWarehouse(Path(tmp) / "chdb")
         migrate(warehouse)
@@ -129,6 +129,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, help="max_batch_events (default: the setting's)")
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.repeats))
+    asyncio.run(main(args.events, args.repeats, args.batch))
     sys.exit(0)
