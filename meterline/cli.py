@@ -142,11 +142,19 @@ def cmd_catalog_add(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog_import(args: argparse.Namespace) -> int:
-    from meterline.catalog.genai_import import import_versions
+    from meterline.catalog.genai_import import import_prices
 
-    versions = import_versions(providers=args.provider or None)
-    added = _price_book().add(versions)
-    print(f"genai-prices: {len(versions)} price versions read, {len(added)} new")
+    try:
+        result = import_prices(providers=args.provider or None)
+    except ValueError as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 2
+    added = _price_book().add(result.versions)
+    print(f"genai-prices: {len(result.versions)} price versions read, {len(added)} new")
+    for what, counts in (("skipped", result.skipped), ("left out", result.dropped)):
+        if counts:
+            listed = ", ".join(f"{reason} ({n})" for reason, n in counts.most_common())
+            print(f"  {what}: {listed}")
     return 0
 
 

@@ -1,133 +1,331 @@
 """Import prices from genai-prices, Pydantic's curated LLM price data (PyPI).
 
-Only what meterline bills is taken: text input and output, cache reads,
-cache writes (5-minute and 1-hour), reasoning output and per-request fees,
-with long-context tiers. Batch and priority variants are left out (a gateway's
-standard traffic is neither), as are time-of-day prices, which the catalog
-cannot express. A price dated in genai-prices starts on that date; the base
-price has no date, so it starts at ``effective_from`` (default 2024-01-01),
-early enough to price any event still within the lateness bound.
+Each (model, provider) of the snapshot bundled with the installed package
+becomes one or more :class:`PriceVersion`, priced the way genai-prices itself
+prices a request without a price context:
 
-Every value stays a ``Decimal``; a rate finer than a millionth of a dollar
-per million tokens cannot be priced exactly and is skipped, never rounded.
+* Rates: ``input_mtok``, ``output_mtok``, ``cache_read_mtok``,
+  ``cache_write_mtok`` (-> ``cache_write_5m``), ``cache_write_1h_mtok``,
+  ``output_reasoning_mtok`` and ``requests_kcount`` (/ 1000 -> fee per
+  request). genai-prices splits a request's tokens into the most specific
+  *priced* unit, so a rate it does not give falls back to its parent: no
+  cache-read or cache-write rate means those tokens cost the input rate, no
+  reasoning rate means the output rate, and no 1-hour write rate means the
+  (5-minute) write rate. genai-prices gives a 1-hour rate for every model of
+  its "anthropic" provider; where a reseller's Claude has none (some Bedrock,
+  Vertex, OpenRouter entries) genai-prices charges the write rate, and so do
+  we: Anthropic's "2 × input" rule is not in the data, so it is not applied.
+  A missing input or output rate costs nothing, as in genai-prices
+  (embeddings have no output).
+* Tiers: a ``Tier(start=T)`` applies once the request's total input tokens
+  are ``> T`` (genai-prices' ``calc_unit_price``), which is exactly
+  meterline's ``input_tokens > above_input_tokens``, so ``T`` is kept as is.
+  genai-prices tiers each rate on its own; every distinct threshold becomes
+  one :class:`LongContextTier` holding every rate in force above it.
+* Dates: genai-prices picks the last ``ConditionalPrice`` whose start date
+  has come (the first one before any has); a version starts at each date
+  where that pick changes, at 00:00 UTC as genai-prices compares UTC dates.
+  The base price has no date, and the catalog needs one, so it starts at
+  ``effective_from`` (default 2024-01-01 UTC, before any event meterline
+  still accepts).
+
+Not imported, and counted in :class:`ImportResult`:
+
+* a model with a time-of-day price. genai-prices' undated price is then the
+  off-peak one (DeepSeek) and the daily window the peak one, so dropping just
+  the window would bill peak hours at the off-peak rate; the whole model is
+  skipped instead.
+* a model without a token rate (audio hours, characters, pages, or an empty
+  price, genai-prices' way of saying "free"): meterline bills tokens only.
+* a model with a rate finer than a millionth of a dollar per million tokens
+  (or a fee finer than a pico-dollar): it cannot be priced exactly and is
+  never rounded; logged as a warning.
+* two models of one provider that the catalog cannot tell apart
+  (:func:`~meterline.catalog.model_key`) but that are priced differently.
+* request-context variants (batch, priority, flex, regional routes...):
+  meterline does not know a request's service tier, so the standard price is
+  imported and the variant dropped. Prices for other units (web searches,
+  audio or image tokens...) are dropped too: their tokens are billed at the
+  text rates.
+
+Provider names are genai-prices' ids, which are already meterline's lower-case
+names ("openai", "anthropic", "azure", "mistral", "groq", "aws" for Bedrock,
+"x-ai"...). genai-prices has a single "google" provider, matched for both the
+Gemini API and Vertex AI, so both are "google": there is no gla/vertex split
+to map.
+A provider that genai-prices prices through another one's models (Azure
+through OpenAI's, Google through Anthropic's) gets those models as its own
+versions, but only those genai-prices would actually fall back to.
+
+Every value stays a ``Decimal``: genai-prices parses its data as ``Decimal``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, time
 from decimal import Decimal
 
 from genai_prices import types as gp
 from genai_prices.data_snapshot import get_snapshot
 
+from meterline.catalog import model_key
 from meterline.money import MoneyError
 from meterline.pricing import LongContextTier, PriceVersion, Rates
 
+__all__ = ["DEFAULT_EFFECTIVE_FROM", "SOURCE", "ImportResult", "import_prices", "import_versions"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_START = datetime(2024, 1, 1, tzinfo=UTC)
+SOURCE = "genai-prices"
+DEFAULT_EFFECTIVE_FROM = datetime(2024, 1, 1, tzinfo=UTC)
 
-#: genai-prices field -> meterline rate
-_RATE_FIELDS = {
-    "input_mtok": "input",
-    "output_mtok": "output",
-    "cache_read_mtok": "cache_read",
-    "cache_write_mtok": "cache_write_5m",
-    "cache_write_1h_mtok": "cache_write_1h",
-    "output_reasoning_mtok": "reasoning",
-}
-
-
-def _tiers(price: gp.ModelPrice) -> list[int]:
-    """Every threshold at which some rate changes."""
-    starts = {
-        tier.start
-        for name in _RATE_FIELDS
-        if isinstance(value := getattr(price, name, None), gp.TieredPrices)
-        for tier in value.tiers
+#: The genai-prices price keys meterline bills; every other key is dropped and counted.
+BILLED_KEYS = frozenset(
+    {
+        "input_mtok",
+        "output_mtok",
+        "cache_read_mtok",
+        "cache_write_mtok",
+        "cache_write_5m_mtok",
+        "cache_write_1h_mtok",
+        "output_reasoning_mtok",
+        "requests_kcount",
     }
-    return sorted(starts)
+)
+
+Price = Decimal | gp.TieredPrices
+_RATE_NAMES = tuple(f.name for f in fields(Rates))
 
 
-def _at(value: Decimal | gp.TieredPrices | None, input_tokens: int) -> Decimal | None:
-    """The rate in force for a request with ``input_tokens`` (genai-prices' cliff rule)."""
+class _Skip(Exception):
+    """A (model, provider) that cannot be imported; ``args[0]`` is the reason."""
+
+
+@dataclass
+class ImportResult:
+    """The versions read, and what was left out and why (counts, for the operator)."""
+
+    versions: list[PriceVersion] = field(default_factory=list)
+    #: (model, provider) pairs not imported, by reason
+    skipped: Counter[str] = field(default_factory=Counter)
+    #: parts of imported models' prices left out (variants, other units), by what
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+def provider_name(provider_id: str) -> str:
+    """meterline's provider name for a genai-prices provider id (see module docstring)."""
+    return provider_id.strip().lower()
+
+
+def _price(price: gp.ModelPrice, key: str) -> Price | None:
+    value = getattr(price, key, None)
+    if value is None or isinstance(value, gp.TieredPrices):
+        return value
+    if not isinstance(value, Decimal):  # genai-prices parses Decimal; anything else is not exact
+        raise _Skip("invalid rate")
+    return value
+
+
+def _at(value: Price | None, input_tokens: int) -> Decimal | None:
+    """The rate in force for a request with this many input tokens (genai-prices' rule)."""
     if not isinstance(value, gp.TieredPrices):
         return value
     rate = value.base
-    for tier in value.tiers:
+    for tier in value.tiers:  # sorted by start
         if input_tokens > tier.start:
             rate = tier.price
     return rate
 
 
 def _rates(price: gp.ModelPrice, input_tokens: int) -> Rates:
-    values = {
-        ours: _at(getattr(price, theirs, None), input_tokens)
-        for theirs, ours in _RATE_FIELDS.items()
-    }
-    given = {k: v for k, v in values.items() if v is not None}
-    # Without a 1-hour write price, a 1-hour write costs what a write costs.
-    if "cache_write_1h" not in given and "cache_write_5m" in given:
-        given["cache_write_1h"] = given["cache_write_5m"]
-    requests = getattr(price, "requests_kcount", None)
-    if requests is not None:
-        given["request"] = requests / 1000
-    return Rates(**given)  # type: ignore[arg-type]
+    """Every meterline rate at this input size, unpriced units falling back to their parent."""
 
+    def rate(key: str) -> Decimal | None:
+        return _at(_price(price, key), input_tokens)
 
-def _version(model: str, provider: str, price: gp.ModelPrice, start: datetime) -> PriceVersion:
-    thresholds = _tiers(price)
-    return PriceVersion(
-        model=model,
-        provider=provider,
-        effective_from=start,
-        rates=_rates(price, 0),
-        tiers=tuple(LongContextTier(t, _rates(price, t + 1)) for t in thresholds),
-        source="genai-prices",
+    input_rate = rate("input_mtok")
+    output = rate("output_mtok")
+    input_or_zero = Decimal(0) if input_rate is None else input_rate
+    cache_read = rate("cache_read_mtok")
+    cache_write = rate("cache_write_mtok")
+    cache_write = input_or_zero if cache_write is None else cache_write
+    write_5m = rate("cache_write_5m_mtok")
+    write_1h = rate("cache_write_1h_mtok")
+    per_k_requests = rate("requests_kcount")
+    rates = Rates(
+        input=input_or_zero,
+        output=Decimal(0) if output is None else output,
+        cache_read=input_or_zero if cache_read is None else cache_read,
+        cache_write_5m=cache_write if write_5m is None else write_5m,
+        cache_write_1h=cache_write if write_1h is None else write_1h,
+        reasoning=rate("output_reasoning_mtok"),
+        request=Decimal(0) if per_k_requests is None else per_k_requests.scaleb(-3),  # exact
     )
+    values = [v for v in (getattr(rates, name) for name in _RATE_NAMES) if v is not None]
+    if any(not v.is_finite() or v < 0 for v in values):
+        raise _Skip("invalid rate")
+    return rates
+
+
+def _thresholds(price: gp.ModelPrice) -> list[int]:
+    """Every input size above which some billed rate changes."""
+    return sorted(
+        {
+            tier.start
+            for key in BILLED_KEYS
+            if isinstance(value := _price(price, key), gp.TieredPrices)
+            for tier in value.tiers
+        }
+    )
+
+
+def _tiers(price: gp.ModelPrice) -> tuple[LongContextTier, ...]:
+    tiers: list[LongContextTier] = []
+    previous = _rates(price, 0)
+    for threshold in _thresholds(price):
+        rates = _rates(price, threshold + 1)
+        if rates != previous:
+            tiers.append(LongContextTier(above_input_tokens=threshold, rates=rates))
+        previous = rates
+    return tuple(tiers)
+
+
+def _timeline(model: gp.ModelInfo, start: datetime) -> list[tuple[datetime, gp.ModelPrice]]:
+    """(effective_from, price) whenever genai-prices' choice of price changes, from ``start``."""
+    if isinstance(model.prices, gp.ModelPrice):
+        return [(start, model.prices)]
+    if any(isinstance(p.constraint, gp.TimeOfDateConstraint) for p in model.prices):
+        raise _Skip("time-of-day price")
+    dates = {
+        datetime.combine(p.constraint.start_date, time(0), tzinfo=UTC)
+        for p in model.prices
+        if isinstance(p.constraint, gp.StartDateConstraint)
+    }
+    timeline: list[tuple[datetime, gp.ModelPrice]] = []
+    for moment in [start, *sorted(d for d in dates if d > start)]:
+        price = model.get_prices(moment)  # genai-prices' own pick, no price context
+        if not timeline or timeline[-1][1] is not price:
+            timeline.append((moment, price))
+    return timeline
+
+
+def _versions(
+    model: gp.ModelInfo, provider: str, start: datetime, dropped: Counter[str]
+) -> list[PriceVersion]:
+    """All versions of one (model, provider), or :class:`_Skip`."""
+    timeline = _timeline(model, start)
+    if any(
+        _price(price, "input_mtok") is None and _price(price, "output_mtok") is None
+        for _, price in timeline
+    ):
+        raise _Skip("no token rate")
+    versions: list[PriceVersion] = []
+    for moment, price in timeline:
+        try:
+            version = PriceVersion(
+                model=model.id,
+                provider=provider,
+                effective_from=moment,
+                rates=_rates(price, 0),
+                tiers=_tiers(price),
+                source=SOURCE,
+            )
+        except MoneyError as exc:
+            log.warning("genai-prices: %s/%s not imported: %s", provider, model.id, exc)
+            raise _Skip("inexact rate") from exc
+        if not versions or versions[-1].spec_json() != version.spec_json():
+            versions.append(version)
+    for key in {k for _, p in timeline for k, v in vars(p).items() if v is not None} - BILLED_KEYS:
+        dropped[f"price for {key.removesuffix('_mtok')}"] += 1
+    for variant in model.price_variants or ():
+        if any(v is not None for v in vars(variant.prices).values()):
+            when = ",".join(f"{k}={v}" for k, v in sorted(variant.when.items()))
+            dropped[f"variant {when}"] += 1
+    return versions
+
+
+def _candidates(provider: gp.Provider, providers: list[gp.Provider]) -> Iterable[gp.ModelInfo]:
+    """The provider's models, then those genai-prices would take from its fallback providers."""
+    yield from provider.models
+    by_id = {p.id: p for p in providers}
+    for fallback_id in provider.fallback_model_providers or ():
+        for model in by_id[fallback_id].models if fallback_id in by_id else ():
+            if provider.find_model(model.id, all_providers=providers) is model:
+                yield model
+
+
+def import_prices(
+    providers: Sequence[str] | None = None, *, effective_from: datetime | None = None
+) -> ImportResult:
+    """Read genai-prices' bundled snapshot into price versions, counting what is left out.
+
+    ``providers`` limits the import to these meterline provider names; a name
+    genai-prices does not know is an error rather than an empty import.
+    ``effective_from`` is when undated prices start (naive means UTC).
+    """
+    start = effective_from or DEFAULT_EFFECTIVE_FROM
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    snapshot = get_snapshot().providers
+    known = {provider_name(p.id) for p in snapshot}
+    wanted = None if providers is None else {provider_name(p) for p in providers}
+    if wanted is not None and wanted - known:
+        raise ValueError(
+            f"genai-prices has no provider {', '.join(sorted(wanted - known))}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    result = ImportResult()
+    for provider in snapshot:
+        name = provider_name(provider.id)
+        if wanted is not None and name not in wanted:
+            continue
+        # the catalog finds a model by model_key, so models sharing one are one entry
+        by_key: dict[str, list[tuple[str, list[PriceVersion], Counter[str]]]] = {}
+        for model in _candidates(provider, snapshot):
+            dropped: Counter[str] = Counter()
+            try:
+                versions = _versions(model, name, start, dropped)
+            except _Skip as skip:
+                result.skipped[skip.args[0]] += 1
+                continue
+            by_key.setdefault(model_key(model.id), []).append((model.id, versions, dropped))
+        for key, entries in by_key.items():
+            prices = {
+                tuple((v.effective_from, json.dumps(v.spec_json(), sort_keys=True)) for v in vs)
+                for _, vs, _ in entries
+            }
+            if len(prices) > 1:
+                log.warning(
+                    "genai-prices: %s models %s share the catalog key %r but not their price; "
+                    "none imported",
+                    name,
+                    ", ".join(model_id for model_id, _, _ in entries),
+                    key,
+                )
+                result.skipped["ambiguous model name"] += len(entries)
+                continue
+            if len(entries) > 1:
+                result.skipped["same name and price as another model"] += len(entries) - 1
+            _, versions, dropped = entries[0]
+            result.versions.extend(versions)
+            result.dropped.update(dropped)
+    return result
 
 
 def import_versions(
     providers: Sequence[str] | None = None, *, effective_from: datetime | None = None
 ) -> list[PriceVersion]:
-    """Price versions for every text model genai-prices knows (optionally some providers)."""
-    start = effective_from or DEFAULT_START
-    wanted = {p.lower() for p in providers} if providers else None
-    versions: list[PriceVersion] = []
-    skipped: dict[str, int] = {}
-    for provider in get_snapshot().providers:
-        name = provider.id.lower()
-        if wanted is not None and name not in wanted:
-            continue
-        for model in provider.models:
-            prices = model.prices
-            dated = (
-                [(None, prices)]
-                if isinstance(prices, gp.ModelPrice)
-                else [(p.constraint, p.prices) for p in prices]
-            )
-            for constraint, price in dated:
-                if isinstance(constraint, gp.TimeOfDateConstraint):
-                    skipped["time-of-day price"] = skipped.get("time-of-day price", 0) + 1
-                    continue
-                if (
-                    getattr(price, "input_mtok", None) is None
-                    or getattr(price, "output_mtok", None) is None
-                ):
-                    skipped["no text token price"] = skipped.get("no text token price", 0) + 1
-                    continue
-                since = (
-                    datetime.combine(constraint.start_date, datetime.min.time(), tzinfo=UTC)
-                    if isinstance(constraint, gp.StartDateConstraint)
-                    else start
-                )
-                try:
-                    versions.append(_version(model.id, name, price, since))
-                except MoneyError as exc:
-                    log.debug("genai-prices: skipped %s/%s: %s", name, model.id, exc)
-                    skipped["inexact rate"] = skipped.get("inexact rate", 0) + 1
-    if skipped:
-        log.info("genai-prices: skipped %s", skipped)
-    return versions
+    """Price versions from genai-prices (see :func:`import_prices`); logs what was skipped."""
+    result = import_prices(providers, effective_from=effective_from)
+    log.info(
+        "genai-prices: %d price versions; skipped (model, provider): %s; left out: %s",
+        len(result.versions),
+        dict(result.skipped) or "none",
+        dict(result.dropped) or "none",
+    )
+    return result.versions
