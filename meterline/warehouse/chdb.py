@@ -17,11 +17,21 @@ from typing import Any
 
 from meterline.warehouse.base import Value, WarehouseError
 
+#: ClickHouse reads a parameter's text in its escaped (TSV) form
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"})
+
 
 def sql_param(value: Value | Sequence[Value]) -> str | int | None:
     """A parameter as text ClickHouse parses for any ``{name:Type}``."""
     if isinstance(value, list | tuple):
         return "[" + ",".join(_literal(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value.translate(_ESCAPES)
+    return plain_param(value)
+
+
+def plain_param(value: Value) -> str | int | None:
+    """A scalar parameter's text before escaping (clickhouse-connect escapes its own)."""
     if isinstance(value, datetime):
         return format_datetime(value)
     if isinstance(value, Decimal):
@@ -33,7 +43,7 @@ def _literal(value: Value) -> str:
     """An array element as a ClickHouse literal."""
     if isinstance(value, int):
         return str(value)
-    text = str(sql_param(value))
+    text = str(plain_param(value))
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 

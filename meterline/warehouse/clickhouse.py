@@ -18,7 +18,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from meterline.warehouse.base import Value, WarehouseError
-from meterline.warehouse.chdb import sql_param
+from meterline.warehouse.chdb import plain_param
 
 
 def _utc(value: Value) -> Value:
@@ -52,9 +52,9 @@ class ClickHouseWarehouse:
 
     @staticmethod
     def _params(params: Mapping[str, Value] | None) -> dict[str, Any]:
-        """clickhouse-connect renders lists itself; scalars go as chDB gets them."""
+        """Values in the text chDB gets them in; clickhouse-connect escapes and renders lists."""
         return {
-            k: [sql_param(x) for x in v] if isinstance(v, list | tuple) else sql_param(v)
+            k: [plain_param(x) for x in v] if isinstance(v, list | tuple) else plain_param(v)
             for k, v in (params or {}).items()
         }
 
