@@ -55,7 +55,7 @@ class PipelineSettings(BaseSettings):
     model_config = _prefix("PIPELINE_")
 
     max_batch_events: int = Field(
-        5000,
+        20_000,
         ge=1,
         description="Flush when this many records are buffered, or after max_batch_wait; "
         "whichever happens first.",

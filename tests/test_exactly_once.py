@@ -89,16 +89,28 @@ async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(
     stack: Stack, account_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     warehouse = stack.warehouse
-    real_insert = warehouse.insert
-    failures = iter([True, True])  # the warehouse refuses the first two writes
-
-    def flaky_insert(table: str, *args: object) -> None:
-        if table == "usage_events" and next(failures, False):
-            raise WarehouseError("Code: 210. DB::NetException: Connection refused")
-        real_insert(table, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(warehouse, "insert", flaky_insert)
     pipeline = stack.start_pipeline()
+    attempts = 0  # at writing the batch; the warehouse is down for the first two
+    real_stage = pipeline.lane.stage
+
+    def stage(*args: object) -> object:
+        nonlocal attempts
+        attempts += 1
+        return real_stage(*args)
+
+    def down_during_two_attempts(method: str) -> None:
+        real = getattr(warehouse, method)
+
+        def call(*args: object) -> object:
+            if attempts in (1, 2):
+                raise WarehouseError("Code: 210. DB::NetException: Connection refused")
+            return real(*args)
+
+        monkeypatch.setattr(warehouse, method, call)
+
+    monkeypatch.setattr(pipeline.lane, "stage", stage)
+    for method in ("insert_protobuf", "insert", "command"):
+        down_during_two_attempts(method)
     await stack.report(*(event(account_id, input_tokens=1_000_000) for _ in range(3)))
 
     usage = await stack.wait_for_requests(account_id, 3)

@@ -84,6 +84,22 @@ class Catalog:
         i = bisect.bisect_right(starts, at) - 1
         return prices[i] if i >= 0 else None
 
+    def schedule(self, model: str, provider: str) -> list[tuple[datetime, CompiledPrice]]:
+        """Every price this model and provider has, by start: what ``price_for`` picks from.
+
+        Of versions starting at the same moment only the one ``price_for``
+        would pick is kept, so a lookup in the list needs no tie-break.
+        """
+        key = self._resolve(model, provider)
+        if key is None:
+            return []
+        starts, prices = self._index[key]
+        return [
+            (start, price)
+            for i, (start, price) in enumerate(zip(starts, prices, strict=True))
+            if i + 1 == len(starts) or starts[i + 1] != start
+        ]
+
     def current(self, at: datetime | None = None) -> list[PriceVersion]:
         """One version per (model, provider): the one in force at ``at`` (default now)."""
         at = at or datetime.now(UTC)

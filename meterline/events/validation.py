@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
 from meterline.config import EventRules
@@ -55,7 +56,7 @@ def decode(value: bytes | None) -> usage_pb2.UsageEvent:
         event = usage_pb2.UsageEvent.FromString(value)
     except DecodeError as exc:
         raise InvalidEvent(f"not a protobuf meterline.v1.UsageEvent: {exc}") from exc
-    if not event.event_id and event.UnknownFields():  # type: ignore[attr-defined]
+    if not event.event_id and len(unknown_fields.UnknownFieldSet(event)):
         raise InvalidEvent("not a protobuf meterline.v1.UsageEvent: only unknown fields")
     return event
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meterline/v1/usage.proto\x12\x0cmeterline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x03\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0boccurred_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x08 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_write_5m_tokens\x18\t \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_write_1h_tokens\x18\n \x01(\x03\x12\x15\n\routput_tokens\x18\x0b \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x0c \x01(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\x03\x12\x0f\n\x07ttft_ms\x18\x0e \x01(\x03\x12+\n\x06status\x18\x0f \x01(\x0e\x32\x1b.meterline.v1.RequestStatus\x12\x1b\n\x13provider_usage_json\x18\x10 \x01(\t*~\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_STATUS_OK\x10\x01\x12\x18\n\x14REQUEST_STATUS_ERROR\x10\x02\x12\x1c\n\x18REQUEST_STATUS_CANCELLED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meterline/v1/usage.proto\x12\x0cmeterline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x03\n\nUsageEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12/\n\x0boccurred_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12\x12\n\napi_key_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x08 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_write_5m_tokens\x18\t \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_write_1h_tokens\x18\n \x01(\x03\x12\x15\n\routput_tokens\x18\x0b \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x0c \x01(\x03\x12\x12\n\nlatency_ms\x18\r \x01(\x03\x12\x0f\n\x07ttft_ms\x18\x0e \x01(\x03\x12+\n\x06status\x18\x0f \x01(\x0e\x32\x1b.meterline.v1.RequestStatus\x12\x1b\n\x13provider_usage_json\x18\x10 \x01(\tJ\x06\x08\xe9\x07\x10\xec\x07*~\n\rRequestStatus\x12\x1e\n\x1aREQUEST_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11REQUEST_STATUS_OK\x10\x01\x12\x18\n\x14REQUEST_STATUS_ERROR\x10\x02\x12\x1c\n\x18REQUEST_STATUS_CANCELLED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meterline.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATUS']._serialized_start=503
-  _globals['_REQUESTSTATUS']._serialized_end=629
+  _globals['_REQUESTSTATUS']._serialized_start=511
+  _globals['_REQUESTSTATUS']._serialized_end=637
   _globals['_USAGEEVENT']._serialized_start=76
-  _globals['_USAGEEVENT']._serialized_end=501
+  _globals['_USAGEEVENT']._serialized_end=509
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ HTTP API share one instance inside ``meterline up``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,14 @@ def _literal(value: Value) -> str:
         return str(value)
     text = str(plain_param(value))
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def settings_clause(settings: Mapping[str, str] | None) -> str:
+    """`` SETTINGS name = 'value', ...`` for a statement, or nothing."""
+    if not settings:
+        return ""
+    quoted = (f"{k} = {_literal(v)}" for k, v in settings.items())
+    return " SETTINGS " + ", ".join(quoted)
 
 
 def format_datetime(value: datetime) -> str:
@@ -125,6 +134,28 @@ class ChdbWarehouse:
                 with self._session.send_insert(f"INSERT INTO {table} ({cols})", "ArrowStream") as w:
                     w.append(arrow)
                     w.finish()
+            except Exception as exc:
+                raise WarehouseError(str(exc)) from exc
+
+    def insert_protobuf(self, table: str, data: bytes, schema: str, message: str) -> None:
+        """Stream protobuf to the engine, read without holding the GIL.
+
+        The schema goes to a file in the data directory: given as a string,
+        chDB would cache it in the working directory.
+        """
+        name = hashlib.sha256(schema.encode()).hexdigest()[:16]
+        path = self.path / "format_schemas" / f"{name}.proto"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(schema)
+        settings = {"format_schema": f"{path}:{message}"}
+        with self._lock:
+            try:
+                with self._session.send_insert(
+                    f"INSERT INTO {table}{settings_clause(settings)}", "Protobuf"
+                ) as writer:
+                    writer.append(data)
+                    writer.finish()
             except Exception as exc:
                 raise WarehouseError(str(exc)) from exc
 

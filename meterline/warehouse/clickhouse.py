@@ -80,5 +80,17 @@ class ClickHouseWarehouse:
         except ClickHouseError as exc:
             raise WarehouseError(str(exc)) from exc
 
+    def insert_protobuf(self, table: str, data: bytes, schema: str, message: str) -> None:
+        """The schema travels with the insert (``format_schema_source='string'``)."""
+        settings = {
+            "format_schema_source": "string",
+            "format_schema": schema,
+            "format_schema_message_name": message,
+        }
+        try:
+            self._client.raw_insert(table, insert_block=data, settings=settings, fmt="Protobuf")
+        except ClickHouseError as exc:
+            raise WarehouseError(str(exc)) from exc
+
     def close(self) -> None:
         self._client.close()

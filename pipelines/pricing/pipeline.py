@@ -6,7 +6,11 @@ One consumer group, any number of instances, batch-first. A flush is
     -> price -> insert -> dead-letter the bad -> commit offsets
 
 and offsets are committed only after the insert, so a crash anywhere replays
-the batch. The replay is harmless: the warehouse's ``event_keys`` (filled by
+the batch. The work up to the insert runs inside the warehouse engine for
+every record it can check (:mod:`.in_warehouse`); the rest, and any batch the
+engine cannot parse, goes through the same steps in Python, record by record.
+
+The replay is harmless: the warehouse's ``event_keys`` (filled by
 a materialized view in the same insert as the rows) already holds every
 event that was written, so those events are skipped, not counted twice.
 Partitions are given up only after the in-flight flush committed.
@@ -30,6 +34,7 @@ from meterline.catalog import Catalog, PriceBook
 from meterline.config import Settings
 from meterline.events import InvalidEvent, decode, validate
 from meterline.money import picos_to_usd
+from meterline.pipelines.pricing.in_warehouse import EncodedBatch, WarehouseLane, encode_records
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,15 @@ class DeadLetter:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What a batch's write stored, and what it turned away."""
+
+    events: int
+    unpriced: int
+    dead: list[DeadLetter]
+
+
 class PricingPipeline:
     """Consumes the usage topic, prices each event, writes it to the warehouse."""
 
@@ -71,6 +85,7 @@ class PricingPipeline:
         self.price_book = PriceBook(warehouse)
         self.catalog = Catalog(())
         self.metrics = PipelineMetrics()
+        self.lane = WarehouseLane(warehouse, settings.events)
         self._buffer: list[ConsumerRecord[bytes, bytes]] = []
         self._flush_lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
@@ -103,6 +118,7 @@ class PricingPipeline:
             bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=False
         )
         await self._refresh_catalog(force=True)
+        await asyncio.to_thread(self.lane.create)
         await self._producer.start()
         self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
         await self._consumer.start()
@@ -116,6 +132,8 @@ class PricingPipeline:
                 await self.flush()
             await self._consumer.stop()
             await self._producer.stop()
+            with contextlib.suppress(WarehouseError):
+                await asyncio.to_thread(self.lane.drop)
             log.info("pricing pipeline stopped: %s", self.metrics.as_dict())
 
     async def _consume(self) -> None:
@@ -191,10 +209,10 @@ class PricingPipeline:
         """
         async with self._flush_lock:
             records, self._buffer = self._buffer, []
-            prepared = self._prepare(records) if records else None
+            encoded = self._prepare(records) if records else None
             await self._settle()
-            if prepared is not None:
-                self._inflight = asyncio.create_task(self._complete(records, *prepared))
+            if encoded is not None:
+                self._inflight = asyncio.create_task(self._complete(records, encoded))
             if wait:
                 await self._settle()
 
@@ -205,36 +223,36 @@ class PricingPipeline:
             await task
 
     async def _complete(
-        self,
-        records: Sequence[ConsumerRecord[bytes, bytes]],
-        rows: list[tuple[object, ...]],
-        dead: list[DeadLetter],
-        duplicates_in_batch: int,
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], encoded: EncodedBatch
     ) -> None:
         """Insert, dead-letter, commit: the batch's I/O, in that order."""
         started = time.monotonic()
-        written, duplicates_seen = await self._write_until_stored(rows)
-        await self._dead_letter(dead)
+        written = await self._write_until_stored(records, encoded)
+        await self._dead_letter(written.dead)
         await self._commit(records)
         elapsed = time.monotonic() - started
         m = self.metrics
         m.consumed += len(records)
-        m.duplicates += duplicates_in_batch + duplicates_seen
-        m.dead_lettered += len(dead)
-        m.priced += sum(1 for r in written if r[_PRICED])
-        m.unpriced += sum(1 for r in written if not r[_PRICED])
+        m.duplicates += len(records) - len(written.dead) - written.events
+        m.dead_lettered += len(written.dead)
+        m.priced += written.events - written.unpriced
+        m.unpriced += written.unpriced
         m.flushes += 1
         m.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
         m.lag = await self._lag()
         log.debug("wrote %d records in %.3f s: %s", len(records), elapsed, m.as_dict())
 
-    def _prepare(
+    def _prepare(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> EncodedBatch:
+        """The batch as the warehouse reads it (~3 µs a record, on the consumer's thread)."""
+        return encode_records(records)
+
+    def _prepare_rows(
         self, records: Sequence[ConsumerRecord[bytes, bytes]]
     ) -> tuple[list[tuple[object, ...]], list[DeadLetter], int]:
-        """Decode, validate, dedupe within the batch and price: pure CPU, no I/O.
+        """The Python lane: decode, validate, dedupe within the batch and price, per record.
 
-        The pipeline's hot loop: ~15 µs an event on the benchmark machine, half
-        of it decoding and validating (see bench/RESULTS.md).
+        ~15 µs a record; used for the records the warehouse's quick check
+        leaves to it, and for a batch the engine cannot parse.
         """
         rules = self.settings.events
         price_for = self.catalog.price_for
@@ -296,8 +314,8 @@ class PricingPipeline:
         return rows, dead, duplicates
 
     async def _write_until_stored(
-        self, rows: list[tuple[object, ...]]
-    ) -> tuple[list[tuple[object, ...]], int]:
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], encoded: EncodedBatch
+    ) -> Written:
         """Retry a failed write with back-off: a warehouse outage pauses the pipeline.
 
         Retrying is safe, since the dedupe check runs again each time. Once the
@@ -307,7 +325,7 @@ class PricingPipeline:
         delay = 0.5
         while True:
             try:
-                return await asyncio.to_thread(self._write, rows)
+                return await asyncio.to_thread(self._write, records, encoded)
             except WarehouseError as exc:
                 if self._stop.is_set():
                     raise
@@ -317,10 +335,33 @@ class PricingPipeline:
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 30.0)
 
-    def _write(self, rows: list[tuple[object, ...]]) -> tuple[list[tuple[object, ...]], int]:
-        """Skip events the warehouse already holds, insert the rest (blocking)."""
+    def _write(
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], encoded: EncodedBatch
+    ) -> Written:
+        """Check, dedupe, price and insert the batch in the warehouse (blocking).
+
+        Records the engine's quick check did not pass are checked again in
+        Python, which dead-letters them with their reason or prices them; a
+        batch the engine cannot read at all goes through Python whole.
+        """
+        try:
+            rechecks = set(self.lane.stage(encoded))
+        except WarehouseError as exc:
+            log.warning("the warehouse did not take the batch (%s); pricing it in Python", exc)
+            rows, dead, _ = self._prepare_rows(records)
+            written, unpriced = self._write_rows(rows)
+            return Written(written, unpriced, dead)
+        again = list(encoded.for_python)
+        if rechecks:
+            again += [r for r in encoded.records if (r.partition, r.offset) in rechecks]
+        rows, dead, _ = self._prepare_rows(again)
+        written, unpriced = self.lane.write(self.catalog, rows)
+        return Written(written, unpriced, dead)
+
+    def _write_rows(self, rows: list[tuple[object, ...]]) -> tuple[int, int]:
+        """Skip events the warehouse already holds, insert the rest; (written, unpriced)."""
         if not rows:
-            return rows, 0
+            return 0, 0
         accounts = sorted({r[0] for r in rows})
         ids = sorted({r[1] for r in rows})
         stored = {
@@ -335,7 +376,7 @@ class PricingPipeline:
         }
         fresh = [r for r in rows if (r[0], r[1]) not in stored]
         self.warehouse.insert("usage_events", USAGE_EVENT_COLUMNS, fresh)  # type: ignore[arg-type]
-        return fresh, len(rows) - len(fresh)
+        return len(fresh), sum(1 for r in fresh if not r[_PRICED])
 
     async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
         if not dead:

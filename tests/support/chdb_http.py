@@ -94,6 +94,8 @@ class ChdbHttpServer:
             statement, _, body = body.partition(b"\n")
             query = statement.decode()
         insert = _INSERT.match(query) if body and query else None
+        if insert and insert["format"] == "Protobuf":
+            return self._insert_protobuf(insert["target"], body, params), fmt
         if insert:
             # The body is the data: ClickHouse reads it as the INSERT's input.
             data = self.spool / f"{uuid.uuid4().hex}.{insert['format']}"
@@ -113,6 +115,26 @@ class ChdbHttpServer:
             fmt = named.group(1)
             sql = sql[: named.start()].rstrip()
         return self._query(sql, fmt, bound), fmt
+
+    def _insert_protobuf(self, target: str, body: bytes, params: dict[str, str]) -> bytes:
+        """As a server does with ``format_schema_source='string'``: the schema comes along."""
+        if params.get("format_schema_source") != "string":
+            raise ValueError("this endpoint reads protobuf only with format_schema_source=string")
+        schema = self.spool / f"{uuid.uuid4().hex}.proto"
+        schema.write_text(params["format_schema"])
+        where = f"{schema}:{params['format_schema_message_name']}"
+        try:
+            with (
+                self.lock,
+                self.session.send_insert(
+                    f"INSERT INTO {target} SETTINGS format_schema = '{where}'", "Protobuf"
+                ) as writer,
+            ):
+                writer.append(body)
+                writer.finish()
+        finally:
+            schema.unlink(missing_ok=True)
+        return b""
 
     def _query(self, sql: str, fmt: str, params: dict[str, str]) -> bytes:
         with self.lock:
