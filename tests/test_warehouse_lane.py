@@ -219,7 +219,7 @@ def both_lanes(
     warehouse = pipeline.warehouse
     reference = unique("python_lane").replace("-", "_")
     warehouse.command(f"CREATE TABLE {reference} AS usage_events ENGINE = Memory")
-    rows, dead, _ = pipeline._prepare_rows(batch)
+    rows, dead = pipeline._prepare_rows(batch)
     warehouse.insert(reference, USAGE_EVENT_COLUMNS, rows)
 
     written = pipeline._write(batch, pipeline._prepare(batch))

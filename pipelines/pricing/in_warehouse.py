@@ -30,7 +30,7 @@ import struct
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from aiokafka import ConsumerRecord
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -39,7 +39,8 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from meterline.catalog import Catalog
 from meterline.config import EventRules
-from meterline.events.validation import _MAX_LATENCY_MS, _MAX_SECONDS, _MIN_SECONDS
+from meterline.events.validation import _EPOCH, _MAX_LATENCY_MS, _MAX_SECONDS, _MIN_SECONDS
+from meterline.events.validation import _STATUS_NAMES as STATUS_NAMES
 from meterline.pricing import TOKEN_FIELDS, CompiledRates
 from meterline.v1 import usage_pb2
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
@@ -57,8 +58,8 @@ _SCALARS = {
     FieldDescriptor.TYPE_ENUM: ("int32", "Int32"),  # same wire form; unknown values kept
 }
 _COLUMN_TYPES = {"int32": "Int32", "int64": "Int64", "sfixed64": "Int64"}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_STATUS_NAMES = ("unspecified", "ok", "error", "cancelled")  # RequestStatus 0..3
+#: RequestStatus names by value (0, 1, ...), as validate() gives them
+_STATUS_NAMES = tuple(name for _, name in sorted(STATUS_NAMES.items()))
 
 
 def _message_schema(descriptor: Descriptor) -> tuple[list[str], list[tuple[str, str]]]:
@@ -203,7 +204,6 @@ def quick_check_sql(rules: EventRules) -> str:
         rules.max_past // timedelta(microseconds=1),
         rules.max_future // timedelta(microseconds=1),
     )
-    occurred_us = _OCCURRED_US
     return " AND ".join(
         [
             text("event_id", rules.max_id_length, True),
@@ -222,7 +222,7 @@ def quick_check_sql(rules: EventRules) -> str:
             "isValidUTF8(provider_usage_json)",
             f"occurred_at_seconds BETWEEN {_MIN_SECONDS} AND {_MAX_SECONDS}",
             "occurred_at_nanos BETWEEN 0 AND 999999999",
-            f"({occurred_us}) - kafka_timestamp_ms * 1000 BETWEEN -{max_past} AND {max_future}",
+            f"({_OCCURRED_US}) - kafka_timestamp_ms * 1000 BETWEEN -{max_past} AND {max_future}",
         ]
     )
 
