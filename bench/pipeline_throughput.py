@@ -82,7 +82,7 @@ async def pipeline_drain(settings: Settings, warehouse: ChdbWarehouse, events: i
     )
     # A fresh group re-reads the same events: dedupe would skip them all, so
     # each run clears the warehouse to measure the full write path.
-    for table in ("usage_events", "event_keys", "usage_hourly"):
+    for table in ("usage_events", "dedupe_keys", "usage_hourly"):
         warehouse.command(f"TRUNCATE TABLE {table}")
     pipeline = PricingPipeline(run_settings, warehouse, settings.bootstrap_servers)
     stop = asyncio.Event()

@@ -51,10 +51,18 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChdbWarehous
 
 @pytest.fixture(scope="session")
 def clickhouse_url(warehouse: ChdbWarehouse) -> Iterator[str]:
-    """The session's chDB behind ClickHouse's HTTP interface, for clickhouse-connect."""
-    server = ChdbHttpServer(warehouse._session, warehouse._lock)
+    """The session's chDB behind ClickHouse's HTTP interface, for clickhouse-connect.
+
+    The endpoint has a chDB session of its own on the same directory: the same
+    engine and tables, queried alongside the in-process connection.
+    """
+    from chdb import session
+
+    endpoint_session = session.Session(str(warehouse.path))
+    server = ChdbHttpServer(endpoint_session)
     yield server.start()
     server.stop()
+    endpoint_session.close()
 
 
 def unique(prefix: str) -> str:

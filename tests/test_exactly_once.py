@@ -91,12 +91,12 @@ async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(
     warehouse = stack.warehouse
     pipeline = stack.start_pipeline()
     attempts = 0  # at writing the batch; the warehouse is down for the first two
-    real_stage = pipeline.lane.stage
+    real_write = pipeline._write
 
-    def stage(*args: object) -> object:
+    def write(*args: object) -> object:
         nonlocal attempts
         attempts += 1
-        return real_stage(*args)
+        return real_write(*args)
 
     def down_during_two_attempts(method: str) -> None:
         real = getattr(warehouse, method)
@@ -108,7 +108,7 @@ async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(
 
         monkeypatch.setattr(warehouse, method, call)
 
-    monkeypatch.setattr(pipeline.lane, "stage", stage)
+    monkeypatch.setattr(pipeline, "_write", write)
     for method in ("insert_protobuf", "insert", "command"):
         down_during_two_attempts(method)
     await stack.report(*(event(account_id, input_tokens=1_000_000) for _ in range(3)))

@@ -189,9 +189,11 @@ def records(
 def running(connection: Warehouse) -> Iterator[PricingPipeline]:
     pipeline = PricingPipeline(Settings(), connection, "localhost:1")  # never connects
     pipeline.catalog = CATALOG
-    pipeline.lane.create()
+    for lane in pipeline.lanes:
+        lane.create()
     yield pipeline
-    pipeline.lane.drop()
+    for lane in pipeline.lanes:
+        lane.drop()
 
 
 @pytest.fixture(params=["chdb", "clickhouse-connect"])
@@ -244,7 +246,7 @@ def test_the_engine_prices_and_checks_as_the_python_lane(pipeline: PricingPipeli
     values = [random_event(rng, accounts, ids).SerializeToString() for _ in range(3_000)]
     batch = records(values, next(PARTITIONS))
 
-    rechecked = pipeline.lane.stage(pipeline._prepare(batch))
+    rechecked = pipeline.lanes[1].stage(pipeline._prepare(batch))
     stored, expected, dead, expected_dead = both_lanes(pipeline, batch)
 
     assert stored == expected
@@ -278,17 +280,25 @@ def test_records_the_engine_cannot_parse_are_judged_by_python(
         assert (stored, dead) == (expected, expected_dead), bytes(value)
 
 
-def test_replayed_records_are_duplicates_not_new_rows(pipeline: PricingPipeline) -> None:
+#: field 50, varint 1: what a gateway on a newer contract may send; protobuf sets it
+#: aside, so these records go to the Python lane, whose rows must be found on replay too
+NEWER_FIELD = bytes([50 << 3 & 0x7F | 0x80, 50 << 3 >> 7, 1])
+
+
+@pytest.mark.parametrize("extra", [b"", NEWER_FIELD], ids=["contract", "newer-contract"])
+def test_replayed_records_are_duplicates_not_new_rows(
+    pipeline: PricingPipeline, extra: bytes
+) -> None:
     rng = random.Random(3)
     accounts = [unique("replay")]
-    values = [random_event(rng, accounts, []).SerializeToString() for _ in range(200)]
+    values = [random_event(rng, accounts, []).SerializeToString() + extra for _ in range(200)]
     batch = records(values, next(PARTITIONS))
     first = pipeline._write(batch, pipeline._prepare(batch))
     again = pipeline._write(batch, pipeline._prepare(batch))
     stored = pipeline.warehouse.query(
         "SELECT count() AS n FROM usage_events WHERE account_id = {a:String}", {"a": accounts[0]}
     )
-    assert first.events > 0 and again.events == 0
+    assert first.events > 100 and again.events == 0
     assert stored == [{"n": first.events}]
     assert len(again.dead) == len(first.dead)
 

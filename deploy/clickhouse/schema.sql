@@ -106,3 +106,37 @@ CREATE TABLE IF NOT EXISTS repricing_runs (
     cost_added_usd Decimal(38, 12)
 ) ENGINE = MergeTree
 ORDER BY ran_at;
+
+
+-- migration 3: dedupe keys looked up by hash
+
+CREATE TABLE IF NOT EXISTS dedupe_keys (
+    key_hash UInt64 COMMENT 'cityHash64(account_id, event_id)',
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+PRIMARY KEY key_hash
+ORDER BY (key_hash, account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY
+SETTINGS index_granularity = 1024, min_compress_block_size = 4096,
+    max_compress_block_size = 16384;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
+SELECT cityHash64(account_id, event_id) AS key_hash, account_id, event_id, occurred_at
+FROM usage_events WHERE sign = 1;
+
+DROP VIEW IF EXISTS event_keys_mv;
+
+CREATE TABLE IF NOT EXISTS event_keys (
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY;
+
+INSERT INTO dedupe_keys (key_hash, account_id, event_id, occurred_at)
+SELECT cityHash64(account_id, event_id), account_id, event_id, occurred_at FROM event_keys;
+
+DROP TABLE IF EXISTS event_keys;

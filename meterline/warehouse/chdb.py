@@ -1,16 +1,20 @@
 """ClickHouse in-process through chDB: the embedded default, no server to run.
 
-chDB allows one open data directory per process, and its session is not
-safe for concurrent use, so every call holds a lock. The pipeline and the
-HTTP API share one instance inside ``meterline up``.
+chDB allows one open data directory per process, and a session is not safe
+for concurrent use; several sessions on the directory are, and share its
+engine. So the warehouse keeps a few sessions and each call takes one for
+itself: the pipeline can parse its next batch while it writes this one, and
+the HTTP API answers meanwhile. The pipeline and the API share one instance
+inside ``meterline up``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import threading
-from collections.abc import Mapping, Sequence
+import queue
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -76,28 +80,43 @@ class ChdbWarehouse:
 
     name = "chdb"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, sessions: int = 3) -> None:
         from chdb import session  # imported here: loading the engine takes a moment
 
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._sessions: list[Any] = []
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         try:
-            self._session = session.Session(str(self.path))
+            for _ in range(sessions):
+                self._sessions.append(session.Session(str(self.path)))
         except Exception as exc:  # chDB raises plain RuntimeError for a locked directory
+            self.close()
             raise WarehouseError(
                 f"cannot open the embedded warehouse at {self.path}: {exc} "
                 "(is `meterline up` running? chDB opens a directory in one process only: stop "
                 "it, or use the HTTP API, e.g. GET/POST /v1/catalog/prices)"
             ) from exc
+        for opened in self._sessions:
+            self._idle.put(opened)
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
+        """A session of this call's own, waited for when every one is busy."""
+        taken = self._idle.get()
+        try:
+            yield taken
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise WarehouseError(str(exc)) from exc
+        finally:
+            self._idle.put(taken)
 
     def _run(self, sql: str, fmt: str, params: Mapping[str, Value] | None) -> Any:
         bound = {k: sql_param(v) for k, v in (params or {}).items()}
-        with self._lock:
-            try:
-                return self._session.query(sql, fmt, params=bound or None)
-            except Exception as exc:
-                raise WarehouseError(str(exc)) from exc
+        with self._session() as session:
+            return session.query(sql, fmt, params=bound or None)
 
     def command(self, sql: str, params: Mapping[str, Value] | None = None) -> None:
         self._run(sql, "CSV", params)
@@ -129,13 +148,12 @@ class ChdbWarehouse:
                 f"INSERT INTO {table} ({cols}) FORMAT JSONCompactEachRow\n{body}", "CSV", None
             )
             return
-        with self._lock:
-            try:
-                with self._session.send_insert(f"INSERT INTO {table} ({cols})", "ArrowStream") as w:
-                    w.append(arrow)
-                    w.finish()
-            except Exception as exc:
-                raise WarehouseError(str(exc)) from exc
+        with (
+            self._session() as session,
+            session.send_insert(f"INSERT INTO {table} ({cols})", "ArrowStream") as writer,
+        ):
+            writer.append(arrow)
+            writer.finish()
 
     def insert_protobuf(self, table: str, data: bytes, schema: str, message: str) -> None:
         """Stream protobuf to the engine, read without holding the GIL.
@@ -149,15 +167,10 @@ class ChdbWarehouse:
             path.parent.mkdir(exist_ok=True)
             path.write_text(schema)
         settings = {"format_schema": f"{path}:{message}"}
-        with self._lock:
-            try:
-                with self._session.send_insert(
-                    f"INSERT INTO {table}{settings_clause(settings)}", "Protobuf"
-                ) as writer:
-                    writer.append(data)
-                    writer.finish()
-            except Exception as exc:
-                raise WarehouseError(str(exc)) from exc
+        insert = f"INSERT INTO {table}{settings_clause(settings)}"
+        with self._session() as session, session.send_insert(insert, "Protobuf") as writer:
+            writer.append(data)
+            writer.finish()
 
     @staticmethod
     def _arrow_stream(
@@ -202,5 +215,6 @@ class ChdbWarehouse:
         return None, None
 
     def close(self) -> None:
-        with self._lock:
-            self._session.close()
+        for opened in self._sessions:
+            opened.close()
+        self._sessions.clear()

@@ -4,7 +4,7 @@
 provenance. ``sign`` is +1 for an event and -1 for the reversal of a row that
 an explicit re-pricing job replaced, so every sum is ``sum(x * sign)`` and
 history is never rewritten in place. Materialized views keep the hourly
-rollup and the dedupe keys up to date on every insert.
+rollup and the dedupe keys (``dedupe_keys``) up to date on every insert.
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ from meterline.warehouse.base import Warehouse
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = TOKEN_FIELDS
+
+#: Dedupe keys up to migration 3, which replaced them with ``dedupe_keys``.
+_EVENT_KEYS = """
+CREATE TABLE IF NOT EXISTS event_keys (
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+ORDER BY (account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY
+"""
+
+#: The dedupe lookup's narrowing key: any hash would do, collisions only cost a read.
+DEDUPE_KEY_HASH = "cityHash64(account_id, event_id)"
 
 #: Columns of usage_events in insert order.
 USAGE_EVENT_COLUMNS = (
@@ -111,15 +125,7 @@ SELECT
 FROM usage_events
 GROUP BY account_id, hour, model, provider
 """,
-            """
-CREATE TABLE IF NOT EXISTS event_keys (
-    account_id String,
-    event_id String,
-    occurred_at DateTime64(3, 'UTC')
-) ENGINE = ReplacingMergeTree
-ORDER BY (account_id, event_id)
-TTL toDateTime(occurred_at) + INTERVAL 40 DAY
-""",
+            _EVENT_KEYS,
             """
 CREATE MATERIALIZED VIEW IF NOT EXISTS event_keys_mv TO event_keys AS
 SELECT account_id, event_id, occurred_at FROM usage_events WHERE sign = 1
@@ -154,6 +160,42 @@ CREATE TABLE IF NOT EXISTS repricing_runs (
 ) ENGINE = MergeTree
 ORDER BY ran_at
 """,
+        ),
+    ),
+    (
+        3,
+        "dedupe keys looked up by hash",
+        (
+            # event_keys was ordered by (account_id, event_id): a batch's lookup
+            # read every key stored, so it slowed as the 40 days filled up. Here
+            # the hash picks the few granules holding a batch's keys; the ids,
+            # compared in full, decide.
+            f"""
+CREATE TABLE IF NOT EXISTS dedupe_keys (
+    key_hash UInt64 COMMENT '{DEDUPE_KEY_HASH}',
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+PRIMARY KEY key_hash
+ORDER BY (key_hash, account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY
+SETTINGS index_granularity = 1024, min_compress_block_size = 4096,
+    max_compress_block_size = 16384
+""",
+            f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
+SELECT {DEDUPE_KEY_HASH} AS key_hash, account_id, event_id, occurred_at
+FROM usage_events WHERE sign = 1
+""",
+            "DROP VIEW IF EXISTS event_keys_mv",
+            # recreated empty if a previous attempt dropped it: each step can run again
+            _EVENT_KEYS,
+            f"""
+INSERT INTO dedupe_keys (key_hash, account_id, event_id, occurred_at)
+SELECT {DEDUPE_KEY_HASH}, account_id, event_id, occurred_at FROM event_keys
+""",
+            "DROP TABLE IF EXISTS event_keys",
         ),
     ),
 )

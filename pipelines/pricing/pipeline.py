@@ -10,7 +10,7 @@ the batch. The work up to the insert runs inside the warehouse engine for
 every record it can check (:mod:`.in_warehouse`); the rest, and any batch the
 engine cannot parse, goes through the same steps in Python, record by record.
 
-The replay is harmless: the warehouse's ``event_keys`` (filled by
+The replay is harmless: the warehouse's ``dedupe_keys`` (filled by
 a materialized view in the same insert as the rows) already holds every
 event that was written, so those events are skipped, not counted twice.
 Partitions are given up only after the in-flight flush committed.
@@ -36,6 +36,7 @@ from meterline.events import InvalidEvent, decode, validate
 from meterline.money import picos_to_usd
 from meterline.pipelines.pricing.in_warehouse import EncodedBatch, WarehouseLane, encode_records
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
+from meterline.warehouse.schema import DEDUPE_KEY_HASH
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,13 @@ class PricingPipeline:
         self.price_book = PriceBook(warehouse)
         self.catalog = Catalog(())
         self.metrics = PipelineMetrics()
-        self.lane = WarehouseLane(warehouse, settings.events)
+        # two sets of scratch tables: a batch is parsed into one while the
+        # batch before it is written from the other
+        self.lanes = (
+            WarehouseLane(warehouse, settings.events),
+            WarehouseLane(warehouse, settings.events),
+        )
+        self._next_lane = 0
         self._buffer: list[ConsumerRecord[bytes, bytes]] = []
         self._flush_lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
@@ -118,7 +125,8 @@ class PricingPipeline:
             bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=False
         )
         await self._refresh_catalog(force=True)
-        await asyncio.to_thread(self.lane.create)
+        for lane in self.lanes:
+            await asyncio.to_thread(lane.create)
         await self._producer.start()
         self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
         await self._consumer.start()
@@ -132,8 +140,9 @@ class PricingPipeline:
                 await self.flush()
             await self._consumer.stop()
             await self._producer.stop()
-            with contextlib.suppress(WarehouseError):
-                await asyncio.to_thread(self.lane.drop)
+            for lane in self.lanes:
+                with contextlib.suppress(WarehouseError):
+                    await asyncio.to_thread(lane.drop)
             log.info("pricing pipeline stopped: %s", self.metrics.as_dict())
 
     async def _consume(self) -> None:
@@ -202,19 +211,42 @@ class PricingPipeline:
     async def flush(self, *, wait: bool = True) -> None:
         """Hand the buffered records to the writer; with ``wait``, until committed.
 
-        Preparing a batch (CPU) overlaps the previous batch's write, since chDB
-        and the network release the GIL. Batches are written and committed in
-        order, one write in flight at a time, so a batch's dedupe check always
-        sees the rows of the batch before it.
+        Preparing a batch (CPU) and parsing it into the warehouse overlap the
+        previous batch's write, since chDB and the network release the GIL.
+        Batches are written and committed in order, one write in flight at a
+        time, so a batch's dedupe check always sees the rows of the batch
+        before it.
         """
         async with self._flush_lock:
             records, self._buffer = self._buffer, []
-            encoded = self._prepare(records) if records else None
-            await self._settle()
-            if encoded is not None:
-                self._inflight = asyncio.create_task(self._complete(records, encoded))
+            staged = None
+            if records:
+                encoded = self._prepare(records)
+                lane = self.lanes[self._next_lane]
+                self._next_lane = 1 - self._next_lane
+                staged = asyncio.create_task(self._stage(lane, encoded))
+            try:
+                await self._settle()
+            except BaseException:
+                if staged is not None:
+                    staged.cancel()  # the batch is not committed: it will be replayed
+                raise
+            if staged is not None:
+                self._inflight = asyncio.create_task(self._complete(records, encoded, lane, staged))
             if wait:
                 await self._settle()
+
+    @staticmethod
+    async def _stage(lane: WarehouseLane, encoded: EncodedBatch) -> set[tuple[int, int]] | None:
+        """Parse the batch into ``lane`` ahead of its write; None if that failed.
+
+        Only a head start: the write stages the batch again if this did not
+        work, and decides then what to do without the engine.
+        """
+        try:
+            return set(await asyncio.to_thread(lane.stage, encoded))
+        except WarehouseError:
+            return None
 
     async def _settle(self) -> None:
         """Wait for the write in flight, if any; its failure is raised here."""
@@ -223,11 +255,15 @@ class PricingPipeline:
             await task
 
     async def _complete(
-        self, records: Sequence[ConsumerRecord[bytes, bytes]], encoded: EncodedBatch
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        encoded: EncodedBatch,
+        lane: WarehouseLane,
+        staged: asyncio.Task[set[tuple[int, int]] | None],
     ) -> None:
         """Insert, dead-letter, commit: the batch's I/O, in that order."""
         started = time.monotonic()
-        written = await self._write_until_stored(records, encoded)
+        written = await self._write_until_stored(records, encoded, lane, await staged)
         await self._dead_letter(written.dead)
         await self._commit(records)
         elapsed = time.monotonic() - started
@@ -312,7 +348,11 @@ class PricingPipeline:
         return rows, dead
 
     async def _write_until_stored(
-        self, records: Sequence[ConsumerRecord[bytes, bytes]], encoded: EncodedBatch
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        encoded: EncodedBatch,
+        lane: WarehouseLane,
+        rechecks: set[tuple[int, int]] | None,
     ) -> Written:
         """Retry a failed write with back-off: a warehouse outage pauses the pipeline.
 
@@ -323,7 +363,7 @@ class PricingPipeline:
         delay = 0.5
         while True:
             try:
-                return await asyncio.to_thread(self._write, records, encoded)
+                return await asyncio.to_thread(self._write, records, encoded, lane, rechecks)
             except WarehouseError as exc:
                 if self._stop.is_set():
                     raise
@@ -332,18 +372,27 @@ class PricingPipeline:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 30.0)
+                rechecks = None  # the outage may have emptied the scratch tables
 
     def _write(
-        self, records: Sequence[ConsumerRecord[bytes, bytes]], encoded: EncodedBatch
+        self,
+        records: Sequence[ConsumerRecord[bytes, bytes]],
+        encoded: EncodedBatch,
+        lane: WarehouseLane | None = None,
+        rechecks: set[tuple[int, int]] | None = None,
     ) -> Written:
         """Check, dedupe, price and insert the batch in the warehouse (blocking).
 
-        Records the engine's quick check did not pass are checked again in
-        Python, which dead-letters them with their reason or prices them; a
-        batch the engine cannot read at all goes through Python whole.
+        ``rechecks`` from staging the batch into ``lane`` beforehand, or None
+        to stage it here. Records the engine's quick check did not pass are
+        checked again in Python, which dead-letters them with their reason or
+        prices them; a batch the engine cannot read at all goes through
+        Python whole.
         """
+        lane = lane or self.lanes[0]
         try:
-            rechecks = set(self.lane.stage(encoded))
+            if rechecks is None:
+                rechecks = set(lane.stage(encoded))
         except WarehouseError as exc:
             log.warning("the warehouse did not take the batch (%s); pricing it in Python", exc)
             rows, dead = self._prepare_rows(records)
@@ -353,23 +402,25 @@ class PricingPipeline:
         if rechecks:
             again += [r for r in encoded.records if (r.partition, r.offset) in rechecks]
         rows, dead = self._prepare_rows(again)
-        written, unpriced = self.lane.write(self.catalog, rows)
+        written, unpriced = lane.write(self.catalog, rows)
         return Written(written, unpriced, dead)
 
     def _write_rows(self, rows: list[tuple[object, ...]]) -> tuple[int, int]:
         """Skip events the warehouse already holds, insert the rest; (written, unpriced)."""
         if not rows:
             return 0, 0
-        accounts = sorted({r[0] for r in rows})
-        ids = sorted({r[1] for r in rows})
+        keys = sorted({(r[0], r[1]) for r in rows})
+        pairs = (
+            "SELECT pair.1 AS account_id, pair.2 AS event_id FROM (SELECT arrayJoin("
+            "arrayZip({accounts:Array(String)}, {ids:Array(String)})) AS pair)"
+        )
         stored = {
             (row["account_id"], row["event_id"])
             for row in self.warehouse.query(
-                # PREWHERE: the ids select a few rows, read their accounts only
-                "SELECT account_id, event_id FROM event_keys "
-                "PREWHERE event_id IN {ids:Array(String)} "
-                "WHERE account_id IN {accounts:Array(String)}",
-                {"accounts": accounts, "ids": ids},
+                "SELECT account_id, event_id FROM dedupe_keys PREWHERE key_hash IN "
+                f"(SELECT {DEDUPE_KEY_HASH} FROM ({pairs}))"
+                f" WHERE (account_id, event_id) IN ({pairs})",
+                {"accounts": [k[0] for k in keys], "ids": [k[1] for k in keys]},
             )
         }
         fresh = [r for r in rows if (r[0], r[1]) not in stored]
