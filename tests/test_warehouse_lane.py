@@ -45,6 +45,7 @@ def price(model: str, provider: str, start: datetime, rates: dict, tiers=()) -> 
     )
 
 
+AWKWARD_MODEL = "o'brien\\{x}%s"
 CATALOG = Catalog(
     [
         price(
@@ -87,6 +88,8 @@ CATALOG = Catalog(
             {"input": "0.000001", "output": "999.999999"},
         ),
         price("modèle-français", "acme", NOW - timedelta(days=100), {"input": "2", "output": "3"}),
+        # quotes, backslashes, braces, percent: the engine's price table is SQL text
+        price(AWKWARD_MODEL, "acme", NOW - timedelta(days=100), {"input": "5", "output": "7"}),
     ]
 )
 MODELS = [
@@ -98,6 +101,7 @@ MODELS = [
     ("tiered-model", "ACME"),
     ("dated-model-2025-01-01", "acme"),
     ("modèle-français", "acme"),  # valid, not ASCII: the Python lane's
+    (AWKWARD_MODEL, "acme"),
     ("unknown-model", "acme"),  # stored unpriced
     ("  ", "acme"),  # blank: dead-lettered
     ("tab\tmodel", "acme"),  # control character: dead-lettered
@@ -255,7 +259,7 @@ def test_the_engine_prices_and_checks_as_the_python_lane(pipeline: PricingPipeli
     assert len(stored) > 1_000 and len(dead) > 100
     assert len(batch) * 0.3 < len(batch) - len(rechecked)
     assert {r["price_tier"] for r in stored} >= {"base", ">200000", ">1000000", ""}
-    assert len({r["price_id"] for r in stored}) == 7  # 6 versions in force, "" unpriced
+    assert len({r["price_id"] for r in stored}) == 8  # 7 versions in force, "" unpriced
 
 
 def test_records_the_engine_cannot_parse_are_judged_by_python(

@@ -229,15 +229,17 @@ def quick_check_sql(rules: EventRules) -> str:
 
 
 _RATE_NAMES = tuple(n for n in CompiledRates.__dataclass_fields__ if n != "tier")
-PRICE_COLUMNS = (
-    "model",
-    "provider",
-    "effective_from_us",
-    "price_id",
-    "thresholds",
-    "tiers",
-    *(f"rate_{n}" for n in _RATE_NAMES),
+#: The per-batch price table's columns and types
+PRICE_STRUCTURE = (
+    ("model", "String"),
+    ("provider", "String"),
+    ("effective_from_us", "Int64"),
+    ("price_id", "String"),
+    ("thresholds", "Array(Int64)"),
+    ("tiers", "Array(String)"),
+    *((f"rate_{n}", "Array(Int128)") for n in _RATE_NAMES),
 )
+PRICE_COLUMNS = tuple(name for name, _ in PRICE_STRUCTURE)
 
 
 def price_rows(catalog: Catalog, pairs: Sequence[tuple[str, str]]) -> list[tuple[object, ...]]:
@@ -262,6 +264,24 @@ def price_rows(catalog: Catalog, pairs: Sequence[tuple[str, str]]) -> list[tuple
                 )
             )
     return rows
+
+
+def _sql_value(value: object) -> str:
+    """A literal for the price table: ints, strings (escaped) and arrays of them."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_sql_value, value)) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def price_table_sql(rows: Sequence[tuple[object, ...]]) -> str:
+    """The batch's price table as a subquery of literals: a few rows, no table to fill."""
+    structure = ", ".join(f"{name} {ctype}" for name, ctype in PRICE_STRUCTURE)
+    if not rows:
+        return f"(SELECT * FROM null('{structure}'))"
+    values = ", ".join("(" + ", ".join(map(_sql_value, row)) + ")" for row in rows)
+    return f"(SELECT * FROM values('{structure}', {values}))"
 
 
 def _priced_select(staged: str, prices: str) -> str:
@@ -320,7 +340,6 @@ class WarehouseLane:
         self.warehouse = warehouse
         prefix = f"pipeline_{uuid.uuid4().hex[:12]}"
         self.staged = f"{prefix}_staged"
-        self.prices = f"{prefix}_prices"
         self.python_rows = f"{prefix}_python_rows"
         self.fresh = f"{prefix}_fresh"
         self._ok = quick_check_sql(rules)
@@ -332,23 +351,19 @@ class WarehouseLane:
         # computed once, as the rows arrive
         columns += f", ok UInt8 MATERIALIZED {self._ok}"
         columns += f", occurred_us Int64 MATERIALIZED {_OCCURRED_US}"
-        rates = ", ".join(f"rate_{n} Array(Int128)" for n in _RATE_NAMES)
         for sql in (
             f"CREATE TABLE IF NOT EXISTS {self.staged} ({columns}) ENGINE = Memory",
-            f"CREATE TABLE IF NOT EXISTS {self.prices} (model String, provider String, "
-            "effective_from_us Int64, price_id String, thresholds Array(Int64), "
-            f"tiers Array(String), {rates}) ENGINE = Memory",
             f"CREATE TABLE IF NOT EXISTS {self.python_rows} AS usage_events ENGINE = Memory",
             f"CREATE TABLE IF NOT EXISTS {self.fresh} AS usage_events ENGINE = Memory",
         ):
             self.warehouse.command(sql)
 
     def drop(self) -> None:
-        for table in (self.staged, self.prices, self.python_rows, self.fresh):
+        for table in (self.staged, self.python_rows, self.fresh):
             self.warehouse.command(f"DROP TABLE IF EXISTS {table}")
 
     def clear(self) -> None:
-        for table in (self.staged, self.prices, self.python_rows, self.fresh):
+        for table in (self.staged, self.python_rows, self.fresh):
             self.warehouse.command(f"TRUNCATE TABLE {table}")
 
     def stage(self, batch: EncodedBatch) -> list[tuple[int, int]]:
@@ -392,13 +407,12 @@ class WarehouseLane:
 
         Returns (events written, of which unpriced).
         """
-        prices = price_rows(catalog, self._pairs)
-        self.warehouse.insert(self.prices, PRICE_COLUMNS, prices)  # type: ignore[arg-type]
+        prices = price_table_sql(price_rows(catalog, self._pairs))
         self.warehouse.insert(self.python_rows, USAGE_EVENT_COLUMNS, python_rows)  # type: ignore[arg-type]
         columns = ", ".join(USAGE_EVENT_COLUMNS)
         self.warehouse.command(
             f"INSERT INTO {self.fresh} ({columns}) SELECT * FROM ("
-            f"{_priced_select(self.staged, self.prices)}"
+            f"{_priced_select(self.staged, prices)}"
             f" UNION ALL SELECT {columns} FROM {self.python_rows})"
             f" WHERE (account_id, event_id) NOT IN ({self._stored_keys()})"
             " ORDER BY kafka_partition, kafka_offset LIMIT 1 BY account_id, event_id"
