@@ -228,7 +228,7 @@ def both_lanes(
     rows, dead = pipeline._prepare_rows(batch)
     warehouse.insert(reference, USAGE_EVENT_COLUMNS, rows)
 
-    written = pipeline._write(batch, pipeline._prepare(batch))
+    written = pipeline._write(batch, pipeline._prepare(batch), pipeline.lanes[0])
 
     columns = ", ".join(
         f"toString({c}) AS {c}" if c == "cost_usd" else c for c in USAGE_EVENT_COLUMNS
@@ -297,8 +297,8 @@ def test_replayed_records_are_duplicates_not_new_rows(
     accounts = [unique("replay")]
     values = [random_event(rng, accounts, []).SerializeToString() + extra for _ in range(200)]
     batch = records(values, next(PARTITIONS))
-    first = pipeline._write(batch, pipeline._prepare(batch))
-    again = pipeline._write(batch, pipeline._prepare(batch))
+    first = pipeline._write(batch, pipeline._prepare(batch), pipeline.lanes[0])
+    again = pipeline._write(batch, pipeline._prepare(batch), pipeline.lanes[0])
     stored = pipeline.warehouse.query(
         "SELECT count() AS n FROM usage_events WHERE account_id = {a:String}", {"a": accounts[0]}
     )

@@ -106,8 +106,6 @@ class ChdbWarehouse:
         taken = self._idle.get()
         try:
             yield taken
-        except WarehouseError:
-            raise
         except Exception as exc:
             raise WarehouseError(str(exc)) from exc
         finally:

@@ -33,6 +33,20 @@ TTL toDateTime(occurred_at) + INTERVAL 40 DAY
 #: The dedupe lookup's narrowing key: any hash would do, collisions only cost a read.
 DEDUPE_KEY_HASH = "cityHash64(account_id, event_id)"
 
+
+def stored_keys_sql(keys: str) -> str:
+    """The stored dedupe keys that may be among ``keys`` (a query of account_id, event_id).
+
+    The hash picks the granules of ``dedupe_keys`` to read, so a lookup costs
+    the batch's size, not the 40 days'; a hash can collide, so the caller
+    compares the pairs in full.
+    """
+    return (
+        "SELECT account_id, event_id FROM dedupe_keys"
+        f" PREWHERE key_hash IN (SELECT {DEDUPE_KEY_HASH} FROM ({keys}))"
+    )
+
+
 #: Columns of usage_events in insert order.
 USAGE_EVENT_COLUMNS = (
     "account_id",

@@ -44,7 +44,7 @@ from meterline.events.validation import _STATUS_NAMES as STATUS_NAMES
 from meterline.pricing import TOKEN_FIELDS, CompiledRates
 from meterline.v1 import usage_pb2
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
-from meterline.warehouse.schema import DEDUPE_KEY_HASH
+from meterline.warehouse.schema import stored_keys_sql
 
 #: Fields appended to each record value; ``usage.proto`` reserves these numbers.
 KAFKA_FIELDS = (
@@ -391,17 +391,6 @@ class WarehouseLane:
         self._pairs = sorted({(m, p) for r in staged for m, p in r["pairs"]})
         return [(int(r["p"]), int(o)) for r in staged for o in r["rechecks"]]
 
-    def _stored_keys(self) -> str:
-        """The (account, event id) pairs of this batch's rows the warehouse already holds.
-
-        The hash picks the granules of ``dedupe_keys`` to read (a lookup costs
-        the batch's size, not the 40 days'); the pairs, compared in full, decide.
-        """
-        hashes = " UNION ALL ".join(
-            f"SELECT {DEDUPE_KEY_HASH} FROM {table}" for table in (self.staged, self.python_rows)
-        )
-        return f"SELECT account_id, event_id FROM dedupe_keys PREWHERE key_hash IN ({hashes})"
-
     def write(self, catalog: Catalog, python_rows: list[tuple[object, ...]]) -> tuple[int, int]:
         """Price the checked rows, add ``python_rows``, dedupe, insert.
 
@@ -410,11 +399,14 @@ class WarehouseLane:
         prices = price_table_sql(price_rows(catalog, self._pairs))
         self.warehouse.insert(self.python_rows, USAGE_EVENT_COLUMNS, python_rows)  # type: ignore[arg-type]
         columns = ", ".join(USAGE_EVENT_COLUMNS)
+        batch_keys = " UNION ALL ".join(
+            f"SELECT account_id, event_id FROM {t}" for t in (self.staged, self.python_rows)
+        )
         self.warehouse.command(
             f"INSERT INTO {self.fresh} ({columns}) SELECT * FROM ("
             f"{_priced_select(self.staged, prices)}"
             f" UNION ALL SELECT {columns} FROM {self.python_rows})"
-            f" WHERE (account_id, event_id) NOT IN ({self._stored_keys()})"
+            f" WHERE (account_id, event_id) NOT IN ({stored_keys_sql(batch_keys)})"
             " ORDER BY kafka_partition, kafka_offset LIMIT 1 BY account_id, event_id"
         )
         counts = self.warehouse.query(

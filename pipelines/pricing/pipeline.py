@@ -36,7 +36,7 @@ from meterline.events import InvalidEvent, decode, validate
 from meterline.money import picos_to_usd
 from meterline.pipelines.pricing.in_warehouse import EncodedBatch, WarehouseLane, encode_records
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
-from meterline.warehouse.schema import DEDUPE_KEY_HASH
+from meterline.warehouse.schema import stored_keys_sql
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ class PricingPipeline:
         self,
         records: Sequence[ConsumerRecord[bytes, bytes]],
         encoded: EncodedBatch,
-        lane: WarehouseLane | None = None,
+        lane: WarehouseLane,
         rechecks: set[tuple[int, int]] | None = None,
     ) -> Written:
         """Check, dedupe, price and insert the batch in the warehouse (blocking).
@@ -389,7 +389,6 @@ class PricingPipeline:
         prices them; a batch the engine cannot read at all goes through
         Python whole.
         """
-        lane = lane or self.lanes[0]
         try:
             if rechecks is None:
                 rechecks = set(lane.stage(encoded))
@@ -417,9 +416,7 @@ class PricingPipeline:
         stored = {
             (row["account_id"], row["event_id"])
             for row in self.warehouse.query(
-                "SELECT account_id, event_id FROM dedupe_keys PREWHERE key_hash IN "
-                f"(SELECT {DEDUPE_KEY_HASH} FROM ({pairs}))"
-                f" WHERE (account_id, event_id) IN ({pairs})",
+                stored_keys_sql(pairs),
                 {"accounts": [k[0] for k in keys], "ids": [k[1] for k in keys]},
             )
         }
