@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from conftest import unique
 from meterline.catalog import Catalog, parse_price
 from meterline.config import Settings
+from meterline.pipelines.pricing.in_warehouse import WarehouseLane
 from meterline.pipelines.pricing.pipeline import PricingPipeline
 from meterline.v1 import usage_pb2
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse
@@ -315,3 +317,60 @@ def test_staging_schema_follows_the_contract() -> None:
         assert f" {field.name} = {field.number};" in STAGING_SCHEMA
     taken = {f.number for f in event.fields}
     assert not taken & {number for _, number, _ in KAFKA_FIELDS}
+
+
+def scratch_tables(warehouse: Warehouse) -> dict[str, str]:
+    rows = warehouse.query(
+        "SELECT name, comment FROM system.tables"
+        " WHERE database = currentDatabase() AND name LIKE 'pipeline%'"
+    )
+    return {row["name"]: row["comment"] for row in rows}
+
+
+async def test_scratch_tables_left_behind_are_dropped_and_live_ones_kept(
+    pipeline: PricingPipeline,
+) -> None:
+    warehouse = pipeline.warehouse
+    # an instance killed long ago, and one of a release before the comment
+    killed = WarehouseLane(warehouse, Settings().events)
+    killed.create()
+    for table in killed.tables:
+        warehouse.command(
+            f"ALTER TABLE {table} MODIFY COMMENT"
+            " 'meterline pipeline scratch table, alive at 2026-01-02 03:04:05 UTC'"
+        )
+    legacy = f"pipeline_{uuid.uuid4().hex[:12]}_fresh"
+    warehouse.command(f"CREATE TABLE {legacy} AS usage_events ENGINE = Memory")
+    # not a scratch table, whatever its name says
+    bystander = unique("pipeline_notes").replace("-", "_")
+    warehouse.command(f"CREATE TABLE {bystander} (note String) ENGINE = Memory")
+    # this instance's own, after a silence that outlived them
+    warehouse.command(
+        f"ALTER TABLE {pipeline.lanes[1].staged} MODIFY COMMENT"
+        " 'meterline pipeline scratch table, alive at 2026-01-02 03:04:05 UTC'"
+    )
+
+    await pipeline._tend_scratch(force=True)
+
+    tables = scratch_tables(warehouse)
+    assert not set(killed.tables) & set(tables)
+    assert legacy not in tables
+    assert bystander in tables
+    own = [t for lane in pipeline.lanes for t in lane.tables]
+    assert set(own) <= set(tables)
+    assert all("2026-01-02" not in tables[t] for t in own)  # said alive again
+    warehouse.command(f"DROP TABLE {bystander}")
+
+
+def test_a_lane_whose_tables_were_dropped_makes_them_again(pipeline: PricingPipeline) -> None:
+    """An instance silent past the limit loses its scratch tables, not its engine lane."""
+    lane = pipeline.lanes[0]
+    lane.drop()
+    rng = random.Random(11)
+    values = [random_event(rng, [unique("dropped")], []).SerializeToString() for _ in range(300)]
+    batch = records(values, next(PARTITIONS))
+
+    rechecks = lane.stage(pipeline._prepare(batch))
+
+    assert len(rechecks) < 150  # the engine checked the batch: its tables are back
+    assert set(lane.tables) <= set(scratch_tables(pipeline.warehouse))

@@ -333,6 +333,35 @@ def _offset_summary(
     return {(p, len(o), len(set(o)), min(o), max(o), sum(o)) for p, o in offsets.items()}
 
 
+#: Scratch tables are ``pipeline_<lane>_<table>``; their comment says when their
+#: instance last said it was alive, by the warehouse's clock.
+SCRATCH_TABLE_NAME = "^pipeline_[0-9a-f]+_(staged|python_rows|fresh)$"
+_ALIVE_AT = "meterline pipeline scratch table, alive at {} UTC"
+#: How long an instance may stay silent before its scratch tables count as left behind.
+SCRATCH_STALE_AFTER_S = 600
+
+
+def drop_stale_scratch(warehouse: Warehouse) -> list[str]:
+    """Drop the scratch tables of instances gone silent; returns their names.
+
+    An instance that is killed leaves its scratch tables behind, holding up
+    to a batch each; the instances still running drop them. A live instance
+    says it is alive far more often (:meth:`WarehouseLane.keep_alive`), and
+    re-creates its tables should a long pause have cost it them.
+    """
+    stale = warehouse.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        f" AND engine = 'Memory' AND match(name, '{SCRATCH_TABLE_NAME}')"
+        " AND dateDiff('second', parseDateTimeBestEffortOrZero("
+        "extract(comment, 'alive at ([0-9: -]+) UTC'), 'UTC'), now('UTC'))"
+        f" > {SCRATCH_STALE_AFTER_S}"
+    )
+    names = [row["name"] for row in stale]
+    for name in names:
+        warehouse.command(f"DROP TABLE IF EXISTS {name}")
+    return names
+
+
 class WarehouseLane:
     """Scratch tables of one pipeline instance, and the statements over them."""
 
@@ -342,6 +371,7 @@ class WarehouseLane:
         self.staged = f"{prefix}_staged"
         self.python_rows = f"{prefix}_python_rows"
         self.fresh = f"{prefix}_fresh"
+        self.tables = (self.staged, self.python_rows, self.fresh)
         self._ok = quick_check_sql(rules)
         self._pairs: list[tuple[str, str]] = []  # (model, provider) of the staged batch
 
@@ -351,19 +381,31 @@ class WarehouseLane:
         # computed once, as the rows arrive
         columns += f", ok UInt8 MATERIALIZED {self._ok}"
         columns += f", occurred_us Int64 MATERIALIZED {_OCCURRED_US}"
+        alive = self._alive_comment()
         for sql in (
             f"CREATE TABLE IF NOT EXISTS {self.staged} ({columns}) ENGINE = Memory",
             f"CREATE TABLE IF NOT EXISTS {self.python_rows} AS usage_events ENGINE = Memory",
             f"CREATE TABLE IF NOT EXISTS {self.fresh} AS usage_events ENGINE = Memory",
         ):
-            self.warehouse.command(sql)
+            self.warehouse.command(f"{sql} COMMENT {alive}")
+
+    def keep_alive(self) -> None:
+        """Say the tables are in use, so other instances leave them be (re-create if gone)."""
+        self.create()
+        alive = self._alive_comment()
+        for table in self.tables:
+            self.warehouse.command(f"ALTER TABLE {table} MODIFY COMMENT {alive}")
+
+    def _alive_comment(self) -> str:
+        now = self.warehouse.query("SELECT toString(now('UTC')) AS now")[0]["now"]
+        return _sql_value(_ALIVE_AT.format(now))
 
     def drop(self) -> None:
-        for table in (self.staged, self.python_rows, self.fresh):
+        for table in self.tables:
             self.warehouse.command(f"DROP TABLE IF EXISTS {table}")
 
     def clear(self) -> None:
-        for table in (self.staged, self.python_rows, self.fresh):
+        for table in self.tables:
             self.warehouse.command(f"TRUNCATE TABLE {table}")
 
     def stage(self, batch: EncodedBatch) -> list[tuple[int, int]]:
@@ -374,7 +416,11 @@ class WarehouseLane:
         or if the rows it parsed are not one per record (a damaged record can
         swallow the fields appended to it, and would be lost).
         """
-        self.clear()
+        try:
+            self.clear()
+        except WarehouseError:  # gone, if this instance was silent too long: try again
+            self.create()
+            self.clear()
         self.warehouse.insert_protobuf(self.staged, batch.data, STAGING_SCHEMA, "StagedUsageEvent")
         staged = self.warehouse.query(
             "SELECT kafka_partition AS p, count() AS n, uniqExact(kafka_offset) AS u,"

@@ -34,7 +34,12 @@ from meterline.catalog import Catalog, PriceBook
 from meterline.config import Settings
 from meterline.events import InvalidEvent, decode, validate
 from meterline.money import picos_to_usd
-from meterline.pipelines.pricing.in_warehouse import EncodedBatch, WarehouseLane, encode_records
+from meterline.pipelines.pricing.in_warehouse import (
+    EncodedBatch,
+    WarehouseLane,
+    drop_stale_scratch,
+    encode_records,
+)
 from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
 from meterline.warehouse.schema import stored_keys_sql
 
@@ -100,6 +105,7 @@ class PricingPipeline:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._catalog_loaded_at = 0.0
+        self._scratch_tended_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -127,6 +133,7 @@ class PricingPipeline:
         await self._refresh_catalog(force=True)
         for lane in self.lanes:
             await asyncio.to_thread(lane.create)
+        await self._tend_scratch(force=True)
         await self._producer.start()
         self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
         await self._consumer.start()
@@ -181,6 +188,7 @@ class PricingPipeline:
                 elif self._inflight is not None and self._inflight.done():
                     await self._settle()  # surface a failed write now, not at the next batch
                 await self._refresh_catalog()
+                await self._tend_scratch()
         finally:
             stopping.cancel()
 
@@ -205,6 +213,26 @@ class PricingPipeline:
         if force or now - self._catalog_loaded_at >= self.settings.pipeline.catalog_refresh_s:
             self.catalog = await asyncio.to_thread(self.price_book.load)
             self._catalog_loaded_at = now
+
+    async def _tend_scratch(self, *, force: bool = False) -> None:
+        """Now and then: say this instance's scratch tables are in use, drop those left behind."""
+        now = time.monotonic()
+        if not force and now - self._scratch_tended_at < SCRATCH_TEND_EVERY_S:
+            return
+        self._scratch_tended_at = now
+
+        def tend() -> list[str]:
+            for lane in self.lanes:
+                lane.keep_alive()
+            return drop_stale_scratch(self.warehouse)
+
+        try:
+            dropped = await asyncio.to_thread(tend)
+        except WarehouseError as exc:
+            log.warning("could not tend the scratch tables (will try again): %s", exc)
+            return
+        if dropped:
+            log.info("dropped %d scratch tables left by stopped instances", len(dropped))
 
     # -- the flush ---------------------------------------------------------
 
@@ -480,6 +508,9 @@ class PricingPipeline:
 
 
 _PRICED = USAGE_EVENT_COLUMNS.index("priced")
+#: How often an instance says its scratch tables are in use (well inside
+#: ``SCRATCH_STALE_AFTER_S``, after which others drop them)
+SCRATCH_TEND_EVERY_S = 60.0
 
 
 class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
