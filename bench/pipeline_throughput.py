@@ -5,7 +5,11 @@ fresh chDB directory, produces N usage events, then in the same run measures:
 
 * raw: an aiokafka consumer reading the topic to the end (bytes only), and
 * pipeline: the pricing pipeline, from start to the last commit, with
-  decode, validation, dedupe, pricing and the ClickHouse inserts.
+  decode, validation, dedupe, pricing and the ClickHouse inserts, and
+* Python's share: the same consume plus the pipeline's per-record work in
+  this process (checking and framing each value for the engine), with the
+  warehouse left out: the most the pipeline can reach in one process, where
+  ever ClickHouse runs.
 
 Each is repeated; the medians and their ratio are printed. The machine is
 shared and noisy, so the ratio is the figure to compare between runs.
@@ -27,6 +31,7 @@ from aiokafka import AIOKafkaConsumer
 from meterline.catalog import PriceBook
 from meterline.config import KafkaSettings, PipelineSettings, Settings
 from meterline.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
+from meterline.pipelines.pricing.in_warehouse import encode_records
 from meterline.pipelines.pricing.pipeline import PricingPipeline
 from meterline.simulate import Gateway
 from meterline.warehouse.chdb import ChdbWarehouse
@@ -50,7 +55,8 @@ async def fill(settings: Settings, events: int) -> None:
         await producer.stop()
 
 
-async def raw_consume(settings: Settings, events: int) -> float:
+async def raw_consume(settings: Settings, events: int, *, frame: bool = False) -> float:
+    """Seconds to read the topic to the end; with ``frame``, also encode each batch."""
     consumer = AIOKafkaConsumer(
         settings.kafka.topic,
         bootstrap_servers=settings.bootstrap_servers,
@@ -68,8 +74,13 @@ async def raw_consume(settings: Settings, events: int) -> float:
         await consumer.seek_to_beginning()
         started, seen = time.perf_counter(), 0
         while seen < events:
-            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
-            seen += sum(len(records) for records in batch.values())
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            if frame:
+                records = [r for rs in fetched.values() for r in rs]
+                encode_records(records)
+                seen += len(records)
+            else:
+                seen += sum(len(records) for records in fetched.values())
         return time.perf_counter() - started
     finally:
         await consumer.stop()
@@ -112,16 +123,20 @@ async def main(events: int, repeats: int, batch: int | None) -> None:
         PriceBook(warehouse).seed_if_empty()
         await ensure_topics(settings.bootstrap_servers, settings.kafka)
         await fill(settings, events)
-        raw, piped = [], []
+        raw, piped, framed = [], [], []
         for _ in range(repeats):
             raw.append(await raw_consume(settings, events))
             piped.append(await pipeline_drain(settings, warehouse, events))
-        raw_rate = events / statistics.median(raw)
-        pipe_rate = events / statistics.median(piped)
+            framed.append(await raw_consume(settings, events, frame=True))
+        raw_rate, pipe_rate, framed_rate = (
+            events / statistics.median(runs) for runs in (raw, piped, framed)
+        )
         print(f"events: {events}, repeats: {repeats}, batch: {settings.pipeline.max_batch_events}")
-        print(f"raw aiokafka consume: {raw_rate:,.0f} events/s (median)")
-        print(f"pricing pipeline:     {pipe_rate:,.0f} events/s (median)")
-        print(f"ratio pipeline/raw:   {pipe_rate / raw_rate:.2f}")
+        print(f"raw aiokafka consume:       {raw_rate:,.0f} events/s (median)")
+        print(f"pricing pipeline:           {pipe_rate:,.0f} events/s (median)")
+        print(f"ratio pipeline/raw:         {pipe_rate / raw_rate:.2f}")
+        print(f"consume + check and frame:  {framed_rate:,.0f} events/s (median, no warehouse)")
+        print(f"ratio of that to raw:       {framed_rate / raw_rate:.2f} (the one-process ceiling)")
         warehouse.close()
 
 
