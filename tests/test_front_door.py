@@ -1,8 +1,9 @@
-"""`meterline up` as a user runs it: a real process, simulated gateway traffic, SIGTERM."""
+"""`meterline up` as a user runs it: a real process, simulated gateway traffic, signals."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -18,18 +20,44 @@ from rich.console import Console
 
 from meterline.kafka import free_port
 from meterline.money import format_usd
-from meterline.simulate import simulate
+from meterline.simulate import SentTotals, simulate
+
+
+class Up(NamedTuple):
+    process: subprocess.Popen[str]
+    target: str  # the ingest gRPC address
+    api: str
+    kafka_port: int
+
+
+def broker_pid(port: int) -> int:
+    """The embedded broker's process, found by the port on its command line."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if f"tcp://127.0.0.1:{port}".encode() in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+    raise AssertionError(f"no broker on port {port}")
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 @pytest.fixture
-def meterline_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
-    grpc_port, http_port = free_port(), free_port()
+def meterline_up(tmp_path: Path) -> Iterator[Up]:
+    grpc_port, http_port, kafka_port = free_port(), free_port(), free_port()
     env = os.environ | {
         "METERLINE_DATA_DIR": str(tmp_path / "data"),
-        "METERLINE_KAFKA_EMBEDDED_PORT": str(free_port()),
+        "METERLINE_KAFKA_EMBEDDED_PORT": str(kafka_port),
         "METERLINE_GRPC_PORT": str(grpc_port),
         "METERLINE_HTTP_PORT": str(http_port),
-        "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": "200",
+        "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": os.environ.get(
+            "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS", "200"
+        ),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "meterline.cli", "up"],
@@ -37,6 +65,7 @@ def meterline_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, s
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group of its own, as in a terminal
     )
     try:
         banner = []
@@ -49,18 +78,17 @@ def meterline_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, s
                 break
         text = "".join(banner)
         assert f"127.0.0.1:{grpc_port}" in text and f"http://127.0.0.1:{http_port}" in text, text
-        yield process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+        yield Up(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", kafka_port)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
 
 
-async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cleanly(
-    meterline_up: tuple[subprocess.Popen[str], str, str],
-) -> None:
-    process, target, api = meterline_up
-    sent = await simulate(
+async def quietly(target: str) -> SentTotals:
+    """800 events of 4 accounts, the progress bar to nowhere."""
+    return await simulate(
         target,
         rate=400,
         duration_s=2,
@@ -69,6 +97,13 @@ async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cle
         seed=11,
         console=Console(file=io.StringIO()),
     )
+
+
+async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cleanly(
+    meterline_up: Up,
+) -> None:
+    process, target, api, _ = meterline_up
+    sent = await quietly(target)
     assert sent.accepted == 800
 
     async with httpx.AsyncClient(base_url=api) as client:
@@ -87,3 +122,39 @@ async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cle
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "meterline stopped" in output
+
+
+@pytest.fixture
+def slow_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records wait in Kafka (up to 30 s) for their batch: the stop must price them."""
+    monkeypatch.setenv("METERLINE_PIPELINE_MAX_BATCH_WAIT_MS", "30000")
+
+
+async def test_ctrl_c_in_a_terminal_prices_what_kafka_holds_then_stops(
+    slow_batches: None, meterline_up: Up
+) -> None:
+    """Ctrl-C signals the terminal's whole process group, the embedded broker's too."""
+    sent = await quietly(meterline_up.target)
+    assert sent.accepted == 800
+    os.killpg(meterline_up.process.pid, signal.SIGINT)
+    output, _ = meterline_up.process.communicate(timeout=60)
+    assert meterline_up.process.returncode == 0, output
+    assert "meterline stopped: {'consumed': 800," in output
+
+
+def test_a_broker_that_dies_stops_meterline_with_the_reason(meterline_up: Up) -> None:
+    os.kill(broker_pid(meterline_up.kafka_port), signal.SIGKILL)
+    output, _ = meterline_up.process.communicate(timeout=60)
+    assert meterline_up.process.returncode == 1, output
+    assert "stopped because the embedded Kafka broker exited with code -9" in output
+
+
+def test_meterline_killed_takes_its_broker_with_it(meterline_up: Up) -> None:
+    """Else the broker keeps the port, and the next `meterline up` cannot start."""
+    broker = broker_pid(meterline_up.kafka_port)
+    meterline_up.process.kill()
+    meterline_up.process.wait()
+    deadline = time.monotonic() + 10
+    while running(broker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(broker)

@@ -134,19 +134,27 @@ class PricingPipeline:
         for lane in self.lanes:
             await asyncio.to_thread(lane.create)
         await self._tend_scratch(force=True)
-        await self._producer.start()
-        self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
-        await self._consumer.start()
-        log.info("pricing pipeline consuming %s as group %s", kafka.topic, kafka.consumer_group)
         try:
+            await self._producer.start()
+            self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
+            await self._consumer.start()
+            log.info("pricing pipeline consuming %s as group %s", kafka.topic, kafka.consumer_group)
             await self._consume()
             if drain_s > 0:
-                await self._drain(drain_s)
+                try:
+                    await asyncio.wait_for(self._drain(drain_s), drain_s + STOP_STEP_S)
+                except TimeoutError:
+                    log.warning("stopped draining: Kafka did not answer for %.0f s", drain_s)
         finally:
-            with contextlib.suppress(Exception):
-                await self.flush()
-            await self._consumer.stop()
-            await self._producer.stop()
+            # Each step is bounded: with Kafka gone, a commit would wait for it
+            # forever. What is not committed is replayed later, and deduped.
+            # aiokafka's consumer lets a cancelled fetch escape its stop(); the
+            # producer is stopped all the same.
+            for step in (self.flush, self._consumer.stop, self._producer.stop):
+                try:
+                    await asyncio.wait_for(step(), STOP_STEP_S)
+                except (Exception, asyncio.CancelledError) as exc:
+                    log.warning("while stopping: %s", str(exc) or type(exc).__name__)
             for lane in self.lanes:
                 with contextlib.suppress(WarehouseError):
                     await asyncio.to_thread(lane.drop)
@@ -508,6 +516,8 @@ class PricingPipeline:
 
 
 _PRICED = USAGE_EVENT_COLUMNS.index("priced")
+#: Longest a step of stopping (last flush, closing a Kafka client) may take
+STOP_STEP_S = 30.0
 #: How often an instance says its scratch tables are in use (well inside
 #: ``SCRATCH_STALE_AFTER_S``, after which others drop them)
 SCRATCH_TEND_EVERY_S = 60.0
