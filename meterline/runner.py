@@ -49,9 +49,10 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         log.info("%s received, stopping", sig.name)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            loop.add_signal_handler(sig, handle, sig)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle, sig)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        loop.add_signal_handler(signal.SIGHUP, handle, signal.SIGHUP)
 
 
 @dataclass

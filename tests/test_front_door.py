@@ -48,7 +48,10 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture
-def meterline_up(tmp_path: Path) -> Iterator[Up]:
+def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    """`meterline up` in a process group of its own; param True: SIGINT ignored,
+    as a shell script's ``meterline up &`` starts it."""
+    background = getattr(request, "param", False)
     grpc_port, http_port, kafka_port = free_port(), free_port(), free_port()
     env = os.environ | {
         "METERLINE_DATA_DIR": str(tmp_path / "data"),
@@ -66,6 +69,7 @@ def meterline_up(tmp_path: Path) -> Iterator[Up]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # a process group of its own, as in a terminal
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None,
     )
     try:
         banner = []
@@ -158,3 +162,12 @@ def test_meterline_killed_takes_its_broker_with_it(meterline_up: Up) -> None:
     while running(broker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(broker)
+
+
+@pytest.mark.parametrize("meterline_up", [True], indirect=True, ids=["started-with-&"])
+def test_sigint_stops_meterline_started_in_the_background(meterline_up: Up) -> None:
+    """SIGINT is meterline's stop signal even where the shell set it to be ignored."""
+    meterline_up.process.send_signal(signal.SIGINT)
+    output, _ = meterline_up.process.communicate(timeout=60)
+    assert meterline_up.process.returncode == 0, output
+    assert "meterline stopped" in output
