@@ -71,20 +71,16 @@ class Stack:
         """The embedded broker's exit, if it exited on its own (not stopped by us)."""
         if self.broker is None or (code := self.broker.returncode) is None:
             return None
-        return _broker_exited(self.broker, code)
+        return BrokerError(
+            f"the embedded Kafka broker exited with code {code} (its log: {self.broker.log_path})"
+        )
 
 
-def _broker_exited(broker: EmbeddedBroker, code: int) -> BrokerError:
-    return BrokerError(
-        f"the embedded Kafka broker exited with code {code} (its log: {broker.log_path})"
-    )
-
-
-async def _watch_broker(broker: EmbeddedBroker) -> None:
+async def _watch_broker(stack: Stack) -> None:
     """Raises when the embedded broker exits on its own."""
-    while (code := broker.returncode) is None:
+    while (gone := stack.broker_gone()) is None:
         await asyncio.sleep(0.2)
-    raise _broker_exited(broker, code)
+    raise gone
 
 
 @contextlib.asynccontextmanager
@@ -99,7 +95,7 @@ async def kafka(settings: Settings, stack: Stack) -> AsyncIterator[str]:
         broker.start()  # on this thread, the main one: see EmbeddedBroker.start
         stack.broker = broker
         stack.endpoints["kafka"] = f"{broker.bootstrap_servers} (embedded Tansu, memory storage)"
-        stack.watches.append(asyncio.create_task(_watch_broker(broker)))
+        stack.watches.append(asyncio.create_task(_watch_broker(stack)))
     else:
         stack.endpoints["kafka"] = settings.kafka.bootstrap_servers
     stack.bootstrap_servers = settings.bootstrap_servers

@@ -375,13 +375,16 @@ class WarehouseLane:
         self._ok = quick_check_sql(rules)
         self._pairs: list[tuple[str, str]] = []  # (model, provider) of the staged batch
 
-    def create(self) -> None:
-        """Memory tables: scratch space that a restart empties, as it should."""
+    def create(self, alive: str | None = None) -> None:
+        """Memory tables: scratch space that a restart empties, as it should.
+
+        ``alive``: their comment (:meth:`_alive_comment`), read now if not given.
+        """
         columns = ", ".join(f"{name} {ctype}" for name, ctype in STAGING_COLUMNS)
         # computed once, as the rows arrive
         columns += f", ok UInt8 MATERIALIZED {self._ok}"
         columns += f", occurred_us Int64 MATERIALIZED {_OCCURRED_US}"
-        alive = self._alive_comment()
+        alive = alive or self._alive_comment()
         for sql in (
             f"CREATE TABLE IF NOT EXISTS {self.staged} ({columns}) ENGINE = Memory",
             f"CREATE TABLE IF NOT EXISTS {self.python_rows} AS usage_events ENGINE = Memory",
@@ -391,8 +394,8 @@ class WarehouseLane:
 
     def keep_alive(self) -> None:
         """Say the tables are in use, so other instances leave them be (re-create if gone)."""
-        self.create()
         alive = self._alive_comment()
+        self.create(alive)
         for table in self.tables:
             self.warehouse.command(f"ALTER TABLE {table} MODIFY COMMENT {alive}")
 
@@ -408,7 +411,7 @@ class WarehouseLane:
         for table in self.tables:
             self.warehouse.command(f"TRUNCATE TABLE {table}")
 
-    def stage(self, batch: EncodedBatch) -> list[tuple[int, int]]:
+    def stage(self, batch: EncodedBatch) -> set[tuple[int, int]]:
         """Parse the batch into the scratch table; returns the records to recheck in Python.
 
         Raises :class:`~meterline.warehouse.WarehouseError` if the engine cannot
@@ -435,7 +438,7 @@ class WarehouseLane:
         } != _offset_summary(batch.records):
             raise WarehouseError("the engine did not read one row per record")
         self._pairs = sorted({(m, p) for r in staged for m, p in r["pairs"]})
-        return [(int(r["p"]), int(o)) for r in staged for o in r["rechecks"]]
+        return {(int(r["p"]), int(o)) for r in staged for o in r["rechecks"]}
 
     def write(self, catalog: Catalog, python_rows: list[tuple[object, ...]]) -> tuple[int, int]:
         """Price the checked rows, add ``python_rows``, dedupe, insert.

@@ -280,7 +280,7 @@ class PricingPipeline:
         work, and decides then what to do without the engine.
         """
         try:
-            return set(await asyncio.to_thread(lane.stage, encoded))
+            return await asyncio.to_thread(lane.stage, encoded)
         except WarehouseError:
             return None
 
@@ -427,7 +427,7 @@ class PricingPipeline:
         """
         try:
             if rechecks is None:
-                rechecks = set(lane.stage(encoded))
+                rechecks = lane.stage(encoded)
         except WarehouseError as exc:
             log.warning("the warehouse did not take the batch (%s); pricing it in Python", exc)
             rows, dead = self._prepare_rows(records)
