@@ -25,10 +25,10 @@ import time
 
 import grpc
 
-from meterline.config import KafkaSettings
-from meterline.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
-from meterline.simulate import Gateway
+from meterline.lib.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
+from meterline.lib.settings import KafkaSettings
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
+from services.simulate import Gateway
 
 
 async def raw_produce(
@@ -80,7 +80,7 @@ async def main(n: int, batches: list[int], concurrency: int, repeats: int) -> No
             "METERLINE_GRPC_PORT": str(port),
         }
         server = subprocess.Popen(
-            [sys.executable, "-m", "meterline.cli", "ingest"],
+            [sys.executable, "-m", "services.cli", "ingest"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -29,13 +29,13 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 
 from meterline.catalog import PriceBook
-from meterline.config import KafkaSettings, PipelineSettings, Settings
-from meterline.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
-from meterline.pipelines.pricing.in_warehouse import encode_records
-from meterline.pipelines.pricing.pipeline import PricingPipeline
-from meterline.simulate import Gateway
-from meterline.warehouse.chdb import ChdbWarehouse
-from meterline.warehouse.schema import migrate
+from meterline.lib.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
+from meterline.lib.settings import KafkaSettings, PipelineSettings, Settings
+from meterline.lib.warehouse.chdb import ChdbWarehouse
+from meterline.lib.warehouse.schema import migrate
+from pipelines.pricing.in_warehouse import encode_records
+from pipelines.pricing.pipeline import PricingPipeline
+from services.simulate import Gateway
 
 
 async def fill(settings: Settings, events: int) -> None:

@@ -21,15 +21,15 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from meterline.catalog import PriceBook
-from meterline.config import IngestSettings, KafkaSettings, PipelineSettings, Settings
-from meterline.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
-from meterline.pipelines.pricing.pipeline import PricingPipeline
-from meterline.services.ingest.server import IngestServer
-from meterline.usage import usage_report
+from meterline.lib.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
+from meterline.lib.settings import IngestSettings, KafkaSettings, PipelineSettings, Settings
+from meterline.lib.warehouse import Warehouse
+from meterline.lib.warehouse.chdb import ChdbWarehouse
+from meterline.lib.warehouse.schema import migrate
+from meterline.usage.report import usage_report
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
-from meterline.warehouse import Warehouse
-from meterline.warehouse.chdb import ChdbWarehouse
-from meterline.warehouse.schema import migrate
+from pipelines.pricing.pipeline import PricingPipeline
+from services.ingest.server import IngestServer
 from support.chdb_http import ChdbHttpServer
 
 

@@ -8,14 +8,15 @@ from decimal import Decimal
 
 import pytest
 
-from meterline.events.adapters import (
+from meterline.catalog.pricing import PriceVersion, Rates
+from meterline.tokens import TokenUsage
+from meterline.usage.adapters import (
     UsageShapeError,
     from_anthropic,
     from_openai_chat,
     from_openai_responses,
     from_provider,
 )
-from meterline.pricing import PriceVersion, Rates, TokenUsage
 
 # A chat completion as OpenAI documents it (the response object's `usage`).
 OPENAI_CHAT_RESPONSE = {

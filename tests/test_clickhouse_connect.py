@@ -20,12 +20,12 @@ import pytest
 
 from conftest import unique
 from meterline.catalog import PriceBook
-from meterline.config import Settings
-from meterline.kafka import EmbeddedBroker, ensure_topics, start_producer
-from meterline.simulate import Gateway, token_usage
-from meterline.usage import usage_report
-from meterline.warehouse import Warehouse, WarehouseError, migrate
-from meterline.warehouse.clickhouse import ClickHouseWarehouse
+from meterline.lib.kafka import EmbeddedBroker, ensure_topics, start_producer
+from meterline.lib.settings import Settings
+from meterline.lib.warehouse import Warehouse, WarehouseError, migrate
+from meterline.lib.warehouse.clickhouse import ClickHouseWarehouse
+from meterline.usage.report import usage_report
+from services.simulate import Gateway, token_usage
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ async def test_a_pipeline_process_killed_with_sigkill_loses_and_doubles_nothing(
         "METERLINE_PIPELINE_MAX_BATCH_EVENTS": "300",
         "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": "50",
     }
-    command = [sys.executable, "-m", "meterline.cli", "pipeline"]
+    command = [sys.executable, "-m", "services.cli", "pipeline"]
     accounts = gateway.accounts
 
     log = tmp_path / "pipeline.log"

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from conftest import Stack, event, unique
-from meterline.pipelines.pricing.pipeline import PricingPipeline
-from meterline.warehouse import WarehouseError
+from meterline.lib.warehouse import WarehouseError
+from pipelines.pricing.pipeline import PricingPipeline
 
 
 class Crash(Exception):

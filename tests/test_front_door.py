@@ -18,9 +18,9 @@ import httpx
 import pytest
 from rich.console import Console
 
-from meterline.kafka import free_port
+from meterline.lib.kafka import free_port
 from meterline.money import format_usd
-from meterline.simulate import SentTotals, simulate
+from services.simulate import SentTotals, simulate
 
 
 class Up(NamedTuple):
@@ -63,7 +63,7 @@ def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]
         ),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "meterline.cli", "up"],
+        [sys.executable, "-m", "services.cli", "up"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

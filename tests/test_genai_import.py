@@ -16,8 +16,9 @@ from meterline.catalog.genai_import import (
     import_prices,
     import_versions,
 )
-from meterline.pricing import PriceVersion, TokenUsage
-from meterline.warehouse import Warehouse
+from meterline.catalog.pricing import PriceVersion
+from meterline.lib.warehouse import Warehouse
+from meterline.tokens import TokenUsage
 
 USD = 10**12  # picos
 M = 10**6  # tokens per million: a rate of $r per million is r × 10**6 picos per token

@@ -10,8 +10,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from conftest import unique
-from meterline.services.api.app import create_app
-from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse
+from meterline.lib.warehouse import USAGE_EVENT_COLUMNS, Warehouse
+from services.api.app import create_app
 
 Client = AsyncTestClient  # type: ignore[type-arg]
 

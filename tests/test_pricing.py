@@ -8,8 +8,9 @@ from decimal import Decimal
 import pytest
 
 from meterline.catalog import Catalog, model_key, parse_price, seed_versions
+from meterline.catalog.pricing import LongContextTier, PriceVersion, Rates
 from meterline.money import MoneyError, format_usd, picos_to_sql_decimal
-from meterline.pricing import LongContextTier, PriceVersion, Rates, TokenUsage
+from meterline.tokens import TokenUsage
 
 USD = 10**12  # pico-dollars
 T0 = datetime(2025, 1, 1, tzinfo=UTC)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from conftest import Stack, event, unique
 from meterline.catalog import PriceBook, parse_price
-from meterline.pipelines.repricing.job import reprice_unpriced
+from pipelines.repricing.job import reprice_unpriced
 
 
 async def test_unpriced_events_are_priced_once_a_price_exists(

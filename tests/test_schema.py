@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meterline.warehouse import Warehouse
-from meterline.warehouse.schema import DEDUPE_KEY_HASH, MIGRATIONS, migrate, schema_sql
+from meterline.lib.warehouse import Warehouse
+from meterline.lib.warehouse.schema import DEDUPE_KEY_HASH, MIGRATIONS, migrate, schema_sql
 
 DEPLOY_SQL = Path(__file__).parent.parent / "deploy" / "clickhouse" / "schema.sql"
 
@@ -25,9 +25,9 @@ def test_deploy_ddl_is_the_generated_schema() -> None:
 UPGRADE = """
 import json, sys
 from datetime import UTC, datetime
-from meterline.warehouse import USAGE_EVENT_COLUMNS
-from meterline.warehouse.chdb import ChdbWarehouse
-from meterline.warehouse import schema
+from meterline.lib.warehouse import USAGE_EVENT_COLUMNS
+from meterline.lib.warehouse.chdb import ChdbWarehouse
+from meterline.lib.warehouse import schema
 
 warehouse = ChdbWarehouse(sys.argv[1])
 full = schema.MIGRATIONS

@@ -9,9 +9,9 @@ from decimal import Decimal
 import pytest
 
 from conftest import unique
-from meterline.warehouse import Warehouse
-from meterline.warehouse.chdb import ChdbWarehouse
-from meterline.warehouse.clickhouse import ClickHouseWarehouse
+from meterline.lib.warehouse import Warehouse
+from meterline.lib.warehouse.chdb import ChdbWarehouse
+from meterline.lib.warehouse.clickhouse import ClickHouseWarehouse
 
 AWKWARD_TEXTS = [
     "plain",

@@ -21,13 +21,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from conftest import unique
 from meterline.catalog import Catalog, parse_price
-from meterline.config import Settings
-from meterline.pipelines.pricing.in_warehouse import WarehouseLane
-from meterline.pipelines.pricing.pipeline import PricingPipeline
+from meterline.lib.settings import Settings
+from meterline.lib.warehouse import USAGE_EVENT_COLUMNS, Warehouse
+from meterline.lib.warehouse.chdb import ChdbWarehouse
+from meterline.lib.warehouse.clickhouse import ClickHouseWarehouse
 from meterline.v1 import usage_pb2
-from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse
-from meterline.warehouse.chdb import ChdbWarehouse
-from meterline.warehouse.clickhouse import ClickHouseWarehouse
+from pipelines.pricing.in_warehouse import WarehouseLane
+from pipelines.pricing.pipeline import PricingPipeline
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 PRICE_CHANGE = NOW - timedelta(days=3, microseconds=1)  # events straddle it to the microsecond
@@ -310,7 +310,7 @@ def test_replayed_records_are_duplicates_not_new_rows(
 
 
 def test_staging_schema_follows_the_contract() -> None:
-    from meterline.pipelines.pricing.in_warehouse import KAFKA_FIELDS, STAGING_SCHEMA
+    from pipelines.pricing.in_warehouse import KAFKA_FIELDS, STAGING_SCHEMA
 
     event = usage_pb2.UsageEvent.DESCRIPTOR
     for field in event.fields:

@@ -74,8 +74,8 @@ from genai_prices import types as gp
 from genai_prices.data_snapshot import get_snapshot
 
 from meterline.catalog import model_key
+from meterline.catalog.pricing import LongContextTier, PriceVersion, Rates
 from meterline.money import MoneyError
-from meterline.pricing import LongContextTier, PriceVersion, Rates
 
 __all__ = ["DEFAULT_EFFECTIVE_FROM", "SOURCE", "ImportResult", "import_prices", "import_versions"]
 

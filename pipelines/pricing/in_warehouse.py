@@ -38,13 +38,14 @@ from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from meterline.catalog import Catalog
-from meterline.config import EventRules
-from meterline.events.validation import _EPOCH, _MAX_LATENCY_MS, _MAX_SECONDS, _MIN_SECONDS
-from meterline.events.validation import _STATUS_NAMES as STATUS_NAMES
-from meterline.pricing import TOKEN_FIELDS, CompiledRates
+from meterline.catalog.pricing import CompiledRates
+from meterline.lib.settings import EventRules
+from meterline.lib.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
+from meterline.lib.warehouse.schema import stored_keys_sql
+from meterline.tokens import TOKEN_FIELDS
+from meterline.usage.validation import _EPOCH, _MAX_LATENCY_MS, _MAX_SECONDS, _MIN_SECONDS
+from meterline.usage.validation import _STATUS_NAMES as STATUS_NAMES
 from meterline.v1 import usage_pb2
-from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
-from meterline.warehouse.schema import stored_keys_sql
 
 #: Fields appended to each record value; ``usage.proto`` reserves these numbers.
 KAFKA_FIELDS = (
@@ -414,7 +415,7 @@ class WarehouseLane:
     def stage(self, batch: EncodedBatch) -> set[tuple[int, int]]:
         """Parse the batch into the scratch table; returns the records to recheck in Python.
 
-        Raises :class:`~meterline.warehouse.WarehouseError` if the engine cannot
+        Raises :class:`~meterline.lib.warehouse.WarehouseError` if the engine cannot
         parse it (or is down: the caller cannot tell, and tries the Python lane),
         or if the rows it parsed are not one per record (a damaged record can
         swallow the fields appended to it, and would be lost).

@@ -31,17 +31,17 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from meterline.catalog import Catalog, PriceBook
-from meterline.config import Settings
-from meterline.events import InvalidEvent, decode, validate
+from meterline.lib.settings import Settings
+from meterline.lib.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
+from meterline.lib.warehouse.schema import stored_keys_sql
 from meterline.money import picos_to_usd
-from meterline.pipelines.pricing.in_warehouse import (
+from meterline.usage import InvalidEvent, decode, validate
+from pipelines.pricing.in_warehouse import (
     EncodedBatch,
     WarehouseLane,
     drop_stale_scratch,
     encode_records,
 )
-from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
-from meterline.warehouse.schema import stored_keys_sql
 
 log = logging.getLogger(__name__)
 

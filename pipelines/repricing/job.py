@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from meterline.catalog import PriceBook
+from meterline.lib.warehouse import USAGE_EVENT_COLUMNS, Warehouse
+from meterline.lib.warehouse.schema import TOKEN_COLUMNS
 from meterline.money import format_usd, picos_to_usd
-from meterline.pricing import TokenUsage
-from meterline.warehouse import USAGE_EVENT_COLUMNS, Warehouse
-from meterline.warehouse.schema import TOKEN_COLUMNS
+from meterline.tokens import TokenUsage
 
 _UNPRICED_EVENTS = f"""
 SELECT {

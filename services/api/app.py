@@ -19,10 +19,10 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
 
 from meterline.catalog import PriceBook, model_key, parse_price
+from meterline.catalog.pricing import PriceVersion
+from meterline.lib.warehouse.base import Warehouse, WarehouseError
 from meterline.money import MoneyError
-from meterline.pricing import PriceVersion
-from meterline.usage import DIMENSIONS, Dimension, month_start, usage_report
-from meterline.warehouse.base import Warehouse, WarehouseError
+from meterline.usage.report import DIMENSIONS, Dimension, month_start, usage_report
 
 #: Returns pipeline counters for /metrics, when a pipeline runs in this process.
 MetricsSource = Callable[[], Mapping[str, float]]
@@ -198,5 +198,5 @@ def create_app(warehouse: Warehouse, *, metrics: MetricsSource | None = None) ->
             ValueError: _bad_request,
         },
         openapi_config=OpenAPIConfig(title="meterline", version="1.0.0"),
-        logging_config=None,  # the process configures logging once (meterline.cli)
+        logging_config=None,  # the process configures logging once (services.cli)
     )

@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaProducer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meterline.config import EventRules, IngestSettings
-from meterline.events import InvalidEvent, UsageEvent, validate
+from meterline.lib.settings import EventRules, IngestSettings
+from meterline.usage import InvalidEvent, UsageEvent, validate
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ from typing import NamedTuple
 from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError
 
-from meterline.config import EventRules
-from meterline.pricing import TOKEN_FIELDS, TokenUsage
+from meterline.lib.settings import EventRules
+from meterline.tokens import TOKEN_FIELDS, TokenUsage
 from meterline.v1 import usage_pb2
 
 _STATUS_NAMES = {

@@ -1,4 +1,4 @@
-"""Provider ``usage`` objects -> :class:`~meterline.pricing.TokenUsage`, in one place.
+"""Provider ``usage`` objects -> :class:`~meterline.catalog.pricing.TokenUsage`, in one place.
 
 meterline counts tokens the way OpenAI's ``usage`` does: input includes cache
 reads and writes, output includes reasoning. Anthropic's Messages API reports
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from meterline.pricing import TokenUsage
+from meterline.tokens import TokenUsage
 
 Usage = Mapping[str, Any]
 

@@ -14,9 +14,9 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
+from meterline.lib.warehouse.base import Warehouse
+from meterline.lib.warehouse.schema import TOKEN_COLUMNS
 from meterline.money import format_usd
-from meterline.warehouse.base import Warehouse
-from meterline.warehouse.schema import TOKEN_COLUMNS
 
 Dimension = Literal["model", "provider", "day"]
 DIMENSIONS: tuple[Dimension, ...] = ("model", "provider", "day")

@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
-from meterline.config import KafkaSettings
+from meterline.lib.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from meterline.catalog import PriceBook
-from meterline.config import Settings
-from meterline.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
-from meterline.services.api.app import MetricsSource, create_app
-from meterline.warehouse import Warehouse, open_warehouse
+from meterline.lib.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
+from meterline.lib.settings import Settings
+from meterline.lib.warehouse import Warehouse, open_warehouse
+from services.api.app import MetricsSource, create_app
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _stopped_by(failure: BaseException | None) -> None:
 @contextlib.asynccontextmanager
 async def ingest_server(settings: Settings, bootstrap: str, stack: Stack) -> AsyncIterator[None]:
     """The ingest gRPC server and its producer; on exit, in-flight reports finish first."""
-    from meterline.services.ingest.server import IngestServer
+    from services.ingest.server import IngestServer
 
     producer = await start_producer(bootstrap, settings.kafka)
     try:
@@ -210,7 +210,7 @@ async def ingest_server(settings: Settings, bootstrap: str, stack: Stack) -> Asy
 
 async def up(settings: Settings, stop: asyncio.Event) -> None:
     """Everything on one machine: broker, warehouse, ingest, pipeline, API."""
-    from meterline.pipelines.pricing.pipeline import PricingPipeline
+    from pipelines.pricing.pipeline import PricingPipeline
 
     stack = Stack(settings)
     async with kafka(settings, stack) as bootstrap:
@@ -259,7 +259,7 @@ async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
 
 async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:
     """One pricing pipeline instance; run several, they share the consumer group."""
-    from meterline.pipelines.pricing.pipeline import PricingPipeline
+    from pipelines.pricing.pipeline import PricingPipeline
 
     stack = Stack(settings)
     async with kafka(settings, stack) as bootstrap:

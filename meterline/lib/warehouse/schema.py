@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from meterline.pricing import TOKEN_FIELDS
-from meterline.warehouse.base import Warehouse
+from meterline.lib.warehouse.base import Warehouse
+from meterline.tokens import TOKEN_FIELDS
 
 log = logging.getLogger(__name__)
 

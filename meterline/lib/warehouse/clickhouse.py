@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from meterline.warehouse.base import Value, WarehouseError
-from meterline.warehouse.chdb import plain_param
+from meterline.lib.warehouse.base import Value, WarehouseError
+from meterline.lib.warehouse.chdb import plain_param
 
 
 def _utc(value: Value) -> Value:

@@ -13,11 +13,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from meterline.catalog import PriceBook
-from meterline.config import Settings
+from meterline.lib.settings import Settings
 
 
 def _run_service(main: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    from meterline.runner import stop_on_signals
+    from services.up import stop_on_signals
 
     settings = Settings()
 
@@ -31,31 +31,31 @@ def _run_service(main: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, N
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from meterline.runner import up
+    from services.up import up
 
     return _run_service(up)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from meterline.runner import ingest_only
+    from services.up import ingest_only
 
     return _run_service(ingest_only)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from meterline.runner import pipeline_only
+    from services.up import pipeline_only
 
     return _run_service(pipeline_only)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from meterline.runner import api_only
+    from services.up import api_only
 
     return _run_service(api_only)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from meterline.simulate import simulate
+    from services.simulate import simulate
 
     totals = asyncio.run(
         simulate(
@@ -72,7 +72,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _price_book() -> PriceBook:
     """The catalog in the configured warehouse, seeded on first use like `up` does."""
-    from meterline.warehouse import open_warehouse
+    from meterline.lib.warehouse import open_warehouse
 
     book = PriceBook(open_warehouse(Settings()))
     book.seed_if_empty()
@@ -161,8 +161,8 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
 def cmd_reprice(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from meterline.pipelines.repricing.job import reprice_unpriced
-    from meterline.warehouse import open_warehouse
+    from meterline.lib.warehouse import open_warehouse
+    from pipelines.repricing.job import reprice_unpriced
 
     def moment(text: str) -> datetime:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -179,7 +179,7 @@ def cmd_reprice(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from meterline.warehouse.schema import schema_sql
+    from meterline.lib.warehouse.schema import schema_sql
 
     print(schema_sql(), end="")
     return 0

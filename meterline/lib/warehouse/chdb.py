@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meterline.warehouse.base import Value, WarehouseError
+from meterline.lib.warehouse.base import Value, WarehouseError
 
 #: ClickHouse reads a parameter's text in its escaped (TSV) form
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"})

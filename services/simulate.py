@@ -24,7 +24,7 @@ from rich.table import Table
 
 from meterline.catalog import Catalog, seed_versions
 from meterline.money import format_usd
-from meterline.pricing import TOKEN_FIELDS, TokenUsage
+from meterline.tokens import TOKEN_FIELDS, TokenUsage
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
 
 #: (model as the gateway names it, provider, weight, reasoning model, cache kind)

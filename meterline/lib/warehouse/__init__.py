@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from meterline.config import Settings
-from meterline.warehouse.base import Warehouse, WarehouseError
-from meterline.warehouse.schema import USAGE_EVENT_COLUMNS, migrate
+from meterline.lib.settings import Settings
+from meterline.lib.warehouse.base import Warehouse, WarehouseError
+from meterline.lib.warehouse.schema import USAGE_EVENT_COLUMNS, migrate
 
 __all__ = ["USAGE_EVENT_COLUMNS", "Warehouse", "WarehouseError", "migrate", "open_warehouse"]
 
@@ -13,13 +13,13 @@ def open_warehouse(settings: Settings) -> Warehouse:
     """The configured warehouse, migrated: a ClickHouse server if a URL is set, else chDB."""
     warehouse: Warehouse
     if settings.clickhouse.url:
-        from meterline.warehouse.clickhouse import ClickHouseWarehouse
+        from meterline.lib.warehouse.clickhouse import ClickHouseWarehouse
 
         warehouse = ClickHouseWarehouse(
             settings.clickhouse.url, database=settings.clickhouse.database
         )
     else:
-        from meterline.warehouse.chdb import ChdbWarehouse
+        from meterline.lib.warehouse.chdb import ChdbWarehouse
 
         warehouse = ChdbWarehouse(settings.data_dir / "chdb")
     migrate(warehouse)

@@ -3,7 +3,7 @@
 Token semantics follow OpenAI's ``usage``: ``input_tokens`` counts every prompt
 token, cache reads and writes included, and the cache counts are subsets of
 it; ``reasoning_tokens`` is a subset of ``output_tokens``. Providers that
-report differently (Anthropic) are converted by :mod:`meterline.events.adapters`
+report differently (Anthropic) are converted by :mod:`meterline.usage.adapters`
 before they get here, so this module never has to guess.
 
 Price = uncached input × input rate + cache reads × cache-read rate
@@ -23,32 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from meterline.money import rate_to_picos_per_token, to_decimal, usd_to_picos
-
-
-@dataclass(frozen=True, slots=True)
-class TokenUsage:
-    """Token counts of one request, in OpenAI semantics (see module docstring)."""
-
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_write_5m_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    @property
-    def uncached_input_tokens(self) -> int:
-        """Prompt tokens neither read from nor written to a cache."""
-        return (
-            self.input_tokens
-            - self.cached_input_tokens
-            - self.cache_write_5m_tokens
-            - self.cache_write_1h_tokens
-        )
-
-
-#: The token counts of a request, by name: the same in the proto, the warehouse and the API.
-TOKEN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TokenUsage))
+from meterline.tokens import TokenUsage
 
 
 @dataclass(frozen=True, slots=True)

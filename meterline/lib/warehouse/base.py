@@ -1,9 +1,10 @@
 """The warehouse interface: one SQL dialect (ClickHouse), two connections.
 
-:class:`~meterline.warehouse.chdb.ChdbWarehouse` runs the ClickHouse engine
-in-process for the embedded default; :class:`~meterline.warehouse.clickhouse.ClickHouseWarehouse`
-talks to a ClickHouse server through clickhouse-connect. Callers write the
-same SQL for both, with server-side parameters in ``{name:Type}`` form.
+:class:`~meterline.lib.warehouse.chdb.ChdbWarehouse` runs the ClickHouse
+engine in-process for the embedded default;
+:class:`~meterline.lib.warehouse.clickhouse.ClickHouseWarehouse` talks to a
+ClickHouse server through clickhouse-connect. Callers write the same SQL for
+both, with server-side parameters in ``{name:Type}`` form.
 """
 
 from __future__ import annotations
