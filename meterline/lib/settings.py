@@ -81,6 +81,17 @@ class HttpSettings(BaseSettings):
     port: int = Field(8000, description="Port of the HTTP API.")
 
 
+class MetricsSettings(BaseSettings):
+    model_config = _prefix("METRICS_")
+
+    host: str = Field("127.0.0.1", description="Interface of a standalone process's /metrics.")
+    port: int = Field(
+        9464,
+        description="Port of /metrics for `meterline ingest` and `meterline pipeline`; "
+        "`meterline up` and `meterline api` serve it from the HTTP API instead.",
+    )
+
+
 class EventRules(BaseSettings):
     """Bounds an event must respect; shared by ingest (reject) and pipeline (dead-letter)."""
 
@@ -111,6 +122,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     grpc: IngestSettings = Field(default_factory=IngestSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     events: EventRules = Field(default_factory=EventRules)
 
     @field_validator("data_dir")
