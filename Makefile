@@ -6,7 +6,7 @@ BUF_VERSION := 1.75.0
 BUF    := build/buf/node_modules/.bin/buf
 
 .DEFAULT_GOAL := help
-.PHONY: help install up test lint proto check-proto buf check bench clean
+.PHONY: help install up test lint typecheck proto check-proto buf breaking check bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ lint: install ## ruff
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+typecheck: install ## mypy --strict on the hand-written code (config in pyproject.toml)
+	$(BIN)/mypy
+
 proto: install ## regenerate meterline/v1 from protos/
 	$(BIN)/python scripts/gen_protos.py
 
@@ -45,11 +48,21 @@ buf: $(BUF) ## buf lint and buf format on protos/
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
-check: lint buf check-proto ## everything CI checks before the tests
+# The contract is compared with the last commit of main that changed nothing
+# here yet: HEAD when the tree is clean (CI), else HEAD as committed.
+BREAKING_AGAINST ?= .git\#ref=HEAD~1
+breaking: $(BUF) ## buf breaking: the contract against the previous commit of main
+	$(BUF) breaking --against '$(BREAKING_AGAINST)'
+
+check: lint typecheck buf breaking check-proto ## everything CI checks before the tests
 
 bench: install ## benchmarks (by hand; results go in bench/RESULTS.md)
 	$(BIN)/python bench/pipeline_throughput.py
 	$(BIN)/python bench/ingest_throughput.py
+
+soak: install ## kill and freeze pipelines for many rounds (by hand; figures in bench/RESULTS.md)
+	METERLINE_SOAK_ROUNDS=$${ROUNDS:-200} METERLINE_SOAK_EVENTS=$${EVENTS:-200000} \
+	  $(BIN)/pytest -s -p no:cacheprovider -o addopts="" --timeout 7200 tests/test_kill_and_freeze.py
 
 clean: ## remove the venv, build files and local data
 	rm -rf $(VENV) build meterline-data

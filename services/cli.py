@@ -8,12 +8,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
 
 from meterline.catalog import PriceBook
-from meterline.lib.settings import Settings
+from meterline.lib.logging import configure_logging
+from meterline.lib.settings import LogSettings, Settings
 
 
 def _run_service(main: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]) -> int:
@@ -67,6 +69,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     )
+    if totals.error:
+        print(f"meterline simulate: {totals.error}", file=sys.stderr)
+        return 1
     return 0 if totals.accepted else 1
 
 
@@ -77,6 +82,13 @@ def _price_book() -> PriceBook:
     book = PriceBook(open_warehouse(Settings()))
     book.seed_if_empty()
     return book
+
+
+def _rate(rate: Decimal | None) -> str:
+    """A rate as listed; one not given costs the input rate."""
+    from meterline.money import format_usd
+
+    return "=input" if rate is None else format_usd(rate)
 
 
 def cmd_catalog_list(args: argparse.Namespace) -> int:
@@ -96,7 +108,7 @@ def cmd_catalog_list(args: argparse.Namespace) -> int:
     for model, provider, start, rates, price_id, source in rows:
         print(
             f"{model:<28} {provider:<10} {start:<10} {format_usd(rates.input):>8} "
-            f"{format_usd(rates.cache_read):>8} {format_usd(rates.output):>8}  {price_id:<19} "
+            f"{_rate(rates.cache_read):>8} {format_usd(rates.output):>8}  {price_id:<19} "
             f"{source}"
         )
     print(f"{len(rows)} price versions; rates in USD per million tokens")
@@ -226,12 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--model", help="only models containing this text")
     lst.set_defaults(func=cmd_catalog_list)
     add = csub.add_parser("add", help="add a price version (USD per million tokens)")
-    add.add_argument("--json", help="the whole version as JSON instead of the flags")
+    add.add_argument(
+        "--json",
+        help="the whole version as JSON instead of the flags; it may also declare "
+        '"aliases": ["gpt-4o-2024-08-06"] (dated names that cost this price) and '
+        '"dated_aliases": true (every dated name of the model)',
+    )
     add.add_argument("--model")
     add.add_argument("--provider")
     add.add_argument("--effective-from", help="ISO 8601 instant, e.g. 2026-12-01T00:00:00Z")
+    not_given = {  # what a rate left out costs (meterline.catalog.pricing.FALLBACKS)
+        "cache-read": "the input rate",
+        "cache-write-5m": "the input rate",
+        "cache-write-1h": "the cache-write-5m rate",
+        "reasoning": "the output rate",
+    }
     for rate in ("input", "output", "cache-read", "cache-write-5m", "cache-write-1h", "reasoning"):
-        add.add_argument(f"--{rate}", help=f"{rate} rate, USD per million tokens")
+        default = f"; left out: {not_given[rate]}, 0 means free" if rate in not_given else ""
+        add.add_argument(f"--{rate}", help=f"{rate} rate, USD per million tokens{default}")
     add.add_argument("--request-fee", help="USD per request")
     add.set_defaults(func=cmd_catalog_add)
     imp = csub.add_parser("import", help="load prices from genai-prices")
@@ -242,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        log_settings = LogSettings()
+    except ValidationError as exc:
+        print(f"meterline: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(log_settings.format, logging.DEBUG if args.verbose else logging.INFO)
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -4,6 +4,10 @@ A seeded random mix of accounts, models, prompt-cache hits, reasoning and
 latencies, reported in batches at a chosen rate. It prices what it sends with
 the shipped catalog, so the totals it prints can be compared to the API's.
 Account ids carry a run tag, so one run's usage can be looked up on its own.
+
+If ingest stops answering (it went away, or refused a report), the run stops
+there and still prints its totals: what was sent, what was acknowledged, and
+what failed; ``SentTotals.error`` then says why, in one line.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from meterline.catalog import Catalog, seed_versions
+from meterline.lib.settings import IngestSettings
 from meterline.money import format_usd
 from meterline.tokens import TOKEN_FIELDS, TokenUsage
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
@@ -45,7 +50,14 @@ TRAFFIC_MIX: tuple[tuple[str, str, int, bool, str], ...] = (
 
 @dataclass
 class SentTotals:
+    #: events in the reports sent
+    sent: int = 0
+    #: events ingest answered for (accepted + rejected)
     events: int = 0
+    #: events of reports that failed: they may or may not have been recorded
+    failed: int = 0
+    #: why the run stopped early, in one line; empty when it ran to the end
+    error: str = ""
     accepted: int = 0
     rejected: int = 0
     unpriced: int = 0
@@ -128,40 +140,68 @@ async def simulate(
     batch_size: int,
     seed: int | None,
     console: Console | None = None,
+    max_message_bytes: int | None = None,
 ) -> SentTotals:
-    """Send ``rate`` events/s for ``duration_s`` to the ingest service at ``target``."""
+    """Send ``rate`` events/s for ``duration_s`` to the ingest service at ``target``.
+
+    ``max_message_bytes`` is the largest report sent (default: ingest's
+    ``METERLINE_GRPC_MAX_MESSAGE_BYTES``, so a report ingest would refuse
+    fails here, before it is sent). Returns the totals, also when ingest
+    failed a report: ``error`` then says why the run stopped.
+    """
     console = console or Console()
     run_tag = uuid.uuid4().hex[:6]
     gateway = Gateway(accounts, seed, run_tag)
     catalog = Catalog(seed_versions())
     totals = SentTotals()
     total_events = max(1, int(rate * duration_s))
+    limit = max_message_bytes or IngestSettings().max_message_bytes
+    options = [
+        ("grpc.max_send_message_length", limit),
+        # one result per event comes back: as large as a report, at most
+        ("grpc.max_receive_message_length", limit),
+    ]
     started = time.monotonic()
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = ingest_pb2_grpc.IngestServiceStub(channel)
-        with Progress(
-            TextColumn("[bold]simulating[/] {task.completed}/{task.total} events"),
-            BarColumn(),
-            TextColumn("{task.fields[accepted]} accepted"),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("send", total=total_events, accepted=0)
-            while totals.events < total_events:
-                events = [
-                    gateway.event() for _ in range(min(batch_size, total_events - totals.events))
-                ]
-                response = await stub.ReportUsage(
-                    ingest_pb2.ReportUsageRequest(events=events), timeout=30
-                )
-                for event, result in zip(events, response.results, strict=True):
-                    _count(totals, catalog, event, result)
-                progress.update(task, completed=totals.events, accepted=totals.accepted)
-                # Pace to the requested rate: sleep until this batch is due.
-                due = started + totals.events / rate
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-    _report(console, totals, run_tag, time.monotonic() - started)
+    try:
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            with Progress(
+                TextColumn("[bold]simulating[/] {task.completed}/{task.total} events"),
+                BarColumn(),
+                TextColumn("{task.fields[accepted]} accepted"),
+                TimeRemainingColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("send", total=total_events, accepted=0)
+                while totals.sent < total_events:
+                    events = [
+                        gateway.event() for _ in range(min(batch_size, total_events - totals.sent))
+                    ]
+                    totals.sent += len(events)
+                    try:
+                        response = await stub.ReportUsage(
+                            ingest_pb2.ReportUsageRequest(events=events), timeout=30
+                        )
+                    except grpc.aio.AioRpcError as exc:
+                        totals.failed += len(events)
+                        totals.error = _one_line(target, exc)
+                        break
+                    for event, result in zip(events, response.results, strict=True):
+                        _count(totals, catalog, event, result)
+                    progress.update(task, completed=totals.events, accepted=totals.accepted)
+                    # Pace to the requested rate: sleep until this batch is due.
+                    due = started + totals.sent / rate
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+    finally:  # Ctrl-C too: the totals so far are what the user needs
+        _report(console, totals, run_tag, time.monotonic() - started)
     return totals
+
+
+def _one_line(target: str, exc: grpc.aio.AioRpcError) -> str:
+    """Why a report failed, in one line: the status and gRPC's first line of details."""
+    details = (exc.details() or "").strip().splitlines()
+    reason = details[0] if details else "no details"
+    return f"ingest at {target} failed a report: {exc.code().name} ({reason})"
 
 
 def _count(
@@ -189,9 +229,14 @@ def _count(
 
 
 def _report(console: Console, totals: SentTotals, run_tag: str, elapsed: float) -> None:
-    table = Table(title=f"sent in {elapsed:.1f} s ({totals.events / elapsed:.0f} events/s)")
+    rate = totals.events / elapsed if elapsed > 0 else 0.0
+    table = Table(title=f"sent in {elapsed:.1f} s ({rate:.0f} events/s acknowledged)")
     table.add_column("what")
     table.add_column("value", justify="right")
+    table.add_row("events sent", str(totals.sent))
+    table.add_row("events acknowledged", str(totals.events))
+    if totals.failed:
+        table.add_row("events in failed reports (maybe recorded)", str(totals.failed))
     table.add_row("events accepted", str(totals.accepted))
     table.add_row("events rejected", str(totals.rejected))
     table.add_row("of which unpriced (no catalog price)", str(totals.unpriced))

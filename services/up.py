@@ -19,9 +19,10 @@ import uvicorn
 
 from meterline.catalog import PriceBook
 from meterline.lib.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
+from meterline.lib.metrics import CollectorRegistry, serve_metrics
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, open_warehouse
-from services.api.app import MetricsSource, create_app
+from services.api.app import create_app
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,11 @@ def warehouse(settings: Settings, stack: Stack) -> Iterator[Warehouse]:
 class ApiServer:
     """The Litestar app under uvicorn, started and stopped from the runner's loop."""
 
-    def __init__(self, settings: Settings, wh: Warehouse, metrics: MetricsSource | None) -> None:
+    def __init__(self, settings: Settings, wh: Warehouse, registry: CollectorRegistry) -> None:
         self.address = f"http://{settings.http.host}:{settings.http.port}"
         self.server = _ApiServer(
             uvicorn.Config(
-                create_app(wh, metrics=metrics),
+                create_app(wh, registry=registry, settings=settings.http),
                 host=settings.http.host,
                 port=settings.http.port,
                 log_level="warning",
@@ -189,14 +190,20 @@ def _stopped_by(failure: BaseException | None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def ingest_server(settings: Settings, bootstrap: str, stack: Stack) -> AsyncIterator[None]:
+async def ingest_server(
+    settings: Settings, bootstrap: str, stack: Stack, *, registry: CollectorRegistry
+) -> AsyncIterator[None]:
     """The ingest gRPC server and its producer; on exit, in-flight reports finish first."""
     from services.ingest.server import IngestServer
 
     producer = await start_producer(bootstrap, settings.kafka)
     try:
         server = IngestServer(
-            producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
+            producer,
+            topic=settings.kafka.topic,
+            rules=settings.events,
+            settings=settings.grpc,
+            registry=registry,
         )
         await server.start()
         stack.endpoints["ingest (gRPC)"] = server.address
@@ -213,9 +220,10 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
     from pipelines.pricing.pipeline import PricingPipeline
 
     stack = Stack(settings)
+    registry = CollectorRegistry()  # every part's metrics, served by the HTTP API
     async with kafka(settings, stack) as bootstrap:
         with warehouse(settings, stack) as wh:
-            pipeline = PricingPipeline(settings, wh, bootstrap)
+            pipeline = PricingPipeline(settings, wh, bootstrap, registry=registry)
             pipeline_stop = asyncio.Event()
             # A memory-only broker loses what is left in it: price it all before stopping.
             drain_s = 60.0 if settings.embedded_kafka else 0.0
@@ -223,12 +231,12 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
             stack.endpoints["pricing pipeline"] = (
                 f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
             )
-            api = ApiServer(settings, wh, pipeline.metrics.as_dict)
+            api = ApiServer(settings, wh, registry)
             failure = None
             try:
                 await api.start()
                 stack.endpoints["HTTP API"] = api.address
-                async with ingest_server(settings, bootstrap, stack):
+                async with ingest_server(settings, bootstrap, stack, registry=registry):
                     print_banner(stack)
                     failure = await _first_of(stop, pipeline_task, *stack.watches)
                 # Ingest has stopped taking reports: drain what Kafka holds, then stop.
@@ -249,11 +257,20 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
-    """The ingest gRPC server alone (scale it out behind a load balancer)."""
+    """The ingest gRPC server alone (scale it out behind a load balancer), with its /metrics."""
     stack = Stack(settings)
-    async with kafka(settings, stack) as bootstrap, ingest_server(settings, bootstrap, stack):
-        print_banner(stack)
-        failure = await _first_of(stop, *stack.watches)
+    registry = CollectorRegistry()
+    metrics = serve_metrics(registry, settings.metrics.host, settings.metrics.port)
+    stack.endpoints["metrics"] = f"http://{settings.metrics.host}:{metrics.port}/metrics"
+    try:
+        async with (
+            kafka(settings, stack) as bootstrap,
+            ingest_server(settings, bootstrap, stack, registry=registry),
+        ):
+            print_banner(stack)
+            failure = await _first_of(stop, *stack.watches)
+    finally:
+        metrics.close()
     _stopped_by(failure)
 
 
@@ -262,19 +279,25 @@ async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:
     from pipelines.pricing.pipeline import PricingPipeline
 
     stack = Stack(settings)
-    async with kafka(settings, stack) as bootstrap:
-        with warehouse(settings, stack) as wh:
-            pipeline = PricingPipeline(settings, wh, bootstrap)
-            stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
-            print_banner(stack)
-            await pipeline.run(stop)
+    registry = CollectorRegistry()
+    metrics = serve_metrics(registry, settings.metrics.host, settings.metrics.port)
+    stack.endpoints["metrics"] = f"http://{settings.metrics.host}:{metrics.port}/metrics"
+    try:
+        async with kafka(settings, stack) as bootstrap:
+            with warehouse(settings, stack) as wh:
+                pipeline = PricingPipeline(settings, wh, bootstrap, registry=registry)
+                stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
+                print_banner(stack)
+                await pipeline.run(stop)
+    finally:
+        metrics.close()
 
 
 async def api_only(settings: Settings, stop: asyncio.Event) -> None:
     """The HTTP API alone, over the configured warehouse."""
     stack = Stack(settings)
     with warehouse(settings, stack) as wh:
-        api = ApiServer(settings, wh, None)
+        api = ApiServer(settings, wh, CollectorRegistry())
         await api.start()
         stack.endpoints["HTTP API"] = api.address
         print_banner(stack)

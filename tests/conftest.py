@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypedDict, Unpack, cast
 
 import grpc
 import pytest
@@ -27,6 +28,7 @@ from meterline.lib.warehouse import Warehouse
 from meterline.lib.warehouse.chdb import ChdbWarehouse
 from meterline.lib.warehouse.schema import migrate
 from meterline.usage.report import usage_report
+from meterline.usage.store import FlushHandler
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
 from pipelines.pricing.pipeline import PricingPipeline
 from services.ingest.server import IngestServer
@@ -58,11 +60,12 @@ def clickhouse_url(warehouse: ChdbWarehouse) -> Iterator[str]:
     """
     from chdb import session
 
-    endpoint_session = session.Session(str(warehouse.path))
+    # chDB's Session is not annotated (as in ChdbWarehouse)
+    endpoint_session = session.Session(str(warehouse.path))  # type: ignore[no-untyped-call]
     server = ChdbHttpServer(endpoint_session)
     yield server.start()
     server.stop()
-    endpoint_session.close()
+    endpoint_session.close()  # type: ignore[no-untyped-call]
 
 
 def unique(prefix: str) -> str:
@@ -87,6 +90,17 @@ def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
     )
 
 
+class Counts(TypedDict, total=False):
+    """The token counts of a usage event, as ``event`` takes them."""
+
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+
+
 def event(
     account_id: str,
     *,
@@ -94,7 +108,10 @@ def event(
     model: str = "openai/gpt-4.1-mini",
     provider: str = "openai",
     occurred_at: datetime | None = None,
-    **counts: int,
+    latency_ms: int = 900,
+    ttft_ms: int = 300,
+    provider_usage_json: str = "",
+    **counts: Unpack[Counts],
 ) -> usage_pb2.UsageEvent:
     """A usage event as a gateway would report it."""
     ts = Timestamp()
@@ -107,10 +124,37 @@ def event(
         model=model,
         provider=provider,
         status=usage_pb2.REQUEST_STATUS_OK,
-        latency_ms=counts.pop("latency_ms", 900),
-        ttft_ms=counts.pop("ttft_ms", 300),
+        latency_ms=latency_ms,
+        ttft_ms=ttft_ms,
+        provider_usage_json=provider_usage_json,
         **counts,
     )
+
+
+class UsageTotalsJson(TypedDict):
+    """``UsageTotals.to_json()``: a report's totals, or one group's."""
+
+    requests: int
+    unpriced_requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    cost_usd: str
+
+
+class UsageJson(TypedDict):
+    """``UsageReport.to_json()``: the usage of an account, as the APIs answer it."""
+
+    account_id: str
+    start: str
+    end: str
+    group_by: list[str]
+    source: str
+    totals: UsageTotalsJson
+    groups: list[dict[str, int | str]]
 
 
 @dataclass
@@ -123,11 +167,13 @@ class Stack:
     pipelines: list[tuple[PricingPipeline, asyncio.Event, asyncio.Task[None]]]
 
     @property
-    def ingest(self) -> ingest_pb2_grpc.IngestServiceStub:
+    def ingest(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
         return ingest_pb2_grpc.IngestServiceStub(self.channel)
 
-    def start_pipeline(self) -> PricingPipeline:
-        pipeline = PricingPipeline(self.settings, self.warehouse, self.settings.bootstrap_servers)
+    def start_pipeline(self, handlers: Sequence[FlushHandler] = ()) -> PricingPipeline:
+        pipeline = PricingPipeline(
+            self.settings, self.warehouse, self.settings.bootstrap_servers, handlers=handlers
+        )
         stop = asyncio.Event()
         self.pipelines.append((pipeline, stop, asyncio.create_task(pipeline.run(stop))))
         return pipeline
@@ -150,14 +196,14 @@ class Stack:
 
     async def wait_for_requests(
         self, account_id: str, expected: int, timeout_s: float = 20.0
-    ) -> dict[str, object]:
+    ) -> UsageJson:
         """Poll the usage query until the account shows ``expected`` requests."""
         deadline = time.monotonic() + timeout_s
         start, end = datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC)
         while True:
             report = await asyncio.to_thread(usage_report, self.warehouse, account_id, start, end)
             if report.totals.requests >= expected or time.monotonic() > deadline:
-                return report.to_json()
+                return cast(UsageJson, report.to_json())
             await asyncio.sleep(0.1)
 
 
@@ -175,7 +221,7 @@ async def stack(settings: Settings, warehouse: Warehouse) -> AsyncIterator[Stack
         yield running
     finally:
         await running.stop_pipelines()
-        await channel.close()
+        await channel.close(grace=None)
         await server.stop()
         await producer.stop()
 

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any, Unpack
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from conftest import Counts
 from meterline.catalog.pricing import PriceVersion, Rates
+from meterline.lib.settings import EventRules
 from meterline.tokens import TokenUsage
+from meterline.usage import InvalidEvent, validate
 from meterline.usage.adapters import (
+    AmbiguousUsage,
     UsageShapeError,
     from_anthropic,
     from_openai_chat,
     from_openai_responses,
     from_provider,
+    usage_from_json,
 )
+from meterline.v1 import usage_pb2
 
 # A chat completion as OpenAI documents it (the response object's `usage`).
-OPENAI_CHAT_RESPONSE = {
+OPENAI_CHAT_RESPONSE: dict[str, Any] = {
     "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
     "object": "chat.completion",
     "created": 1741570283,
@@ -42,7 +51,7 @@ OPENAI_CHAT_RESPONSE = {
 }
 
 # A Responses API response from a reasoning model.
-OPENAI_RESPONSES_RESPONSE = {
+OPENAI_RESPONSES_RESPONSE: dict[str, Any] = {
     "id": "resp_67ccd3a9da748190baa7f1570fe91ac604becb25c45c1d41",
     "object": "response",
     "model": "o4-mini-2025-04-16",
@@ -56,7 +65,7 @@ OPENAI_RESPONSES_RESPONSE = {
 }
 
 # An Anthropic Messages response with prompt caching, 1-hour and 5-minute writes.
-ANTHROPIC_RESPONSE = {
+ANTHROPIC_RESPONSE: dict[str, Any] = {
     "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
     "type": "message",
     "role": "assistant",
@@ -197,3 +206,161 @@ def test_bad_shapes_are_refused_with_the_field_named(
 def test_unknown_api_kind() -> None:
     with pytest.raises(ValueError, match=re.escape("no usage adapter for 'cohere.chat'")):
         from_provider("cohere.chat", {})
+
+
+def test_anthropic_writes_with_a_zero_breakdown_are_5_minute_writes() -> None:
+    """Seen in the wild: a total of writes beside a breakdown of zeros (or nulls)."""
+    for breakdown in (
+        {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        {"ephemeral_5m_input_tokens": None, "ephemeral_1h_input_tokens": None},
+        {},
+    ):
+        usage = from_anthropic(
+            {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 200,
+                "cache_read_input_tokens": 30,
+                "cache_creation": breakdown,
+                "output_tokens": 5,
+            }
+        )
+        assert usage == TokenUsage(
+            input_tokens=240, cached_input_tokens=30, cache_write_5m_tokens=200, output_tokens=5
+        ), breakdown
+
+
+# --- the usage object an event carries, told apart and applied by validation -------------
+
+
+@pytest.mark.parametrize(
+    ("response", "kind"),
+    [
+        (OPENAI_CHAT_RESPONSE, "openai.chat"),
+        (OPENAI_RESPONSES_RESPONSE, "openai.responses"),
+        (ANTHROPIC_RESPONSE, "anthropic.messages"),
+    ],
+)
+def test_each_apis_usage_object_is_recognised_by_its_own_names(
+    response: dict[str, Any], kind: str
+) -> None:
+    assert usage_from_json(json.dumps(response["usage"])) == (
+        kind,
+        from_provider(kind, response["usage"]),
+    )
+
+
+def test_the_shared_names_alone_read_the_same_in_either_api() -> None:
+    minimal = {"input_tokens": 7, "output_tokens": 3}
+    assert usage_from_json(json.dumps(minimal)) == (
+        "anthropic.messages",
+        TokenUsage(input_tokens=7, output_tokens=3),
+    )
+    assert usage_from_json(json.dumps(minimal | {"total_tokens": 10})) == (
+        "openai.responses",
+        TokenUsage(input_tokens=7, output_tokens=3),
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "not json", "[1, 2]", '{"promptTokenCount": 12}', '"a string"', "{" * 5_000],
+)
+def test_text_that_is_no_known_usage_object_gives_nothing(text: str) -> None:
+    assert usage_from_json(text) is None
+
+
+def test_a_usage_object_mixing_two_apis_is_ambiguous() -> None:
+    with pytest.raises(AmbiguousUsage, match=re.escape("openai.chat and anthropic.messages")):
+        usage_from_json('{"prompt_tokens": 100, "cache_creation_input_tokens": 40}')
+
+
+RULES = EventRules()
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def carrying(usage: object, **counts: Unpack[Counts]) -> usage_pb2.UsageEvent:
+    """An event with ``usage`` as its provider_usage_json."""
+    occurred = Timestamp()
+    occurred.FromDatetime(NOW)
+    return usage_pb2.UsageEvent(
+        event_id="e-1",
+        occurred_at=occurred,
+        account_id="acct-1",
+        model="some-model",
+        provider="some-provider",
+        status=usage_pb2.REQUEST_STATUS_OK,
+        provider_usage_json=usage if isinstance(usage, str) else json.dumps(usage),
+        **counts,
+    )
+
+
+@pytest.mark.parametrize(
+    "response", [OPENAI_CHAT_RESPONSE, OPENAI_RESPONSES_RESPONSE, ANTHROPIC_RESPONSE]
+)
+def test_an_event_without_counts_is_billed_from_its_usage_object(
+    response: dict[str, Any],
+) -> None:
+    _, expected = usage_from_json(json.dumps(response["usage"])) or ("", None)
+    record = validate(carrying(response["usage"]), now=NOW, rules=RULES)
+    assert record.usage == expected != TokenUsage()
+
+
+def test_an_anthropic_event_without_counts_gets_cache_reads_and_writes_added_back() -> None:
+    usage = dict(ANTHROPIC_RESPONSE["usage"])
+    usage["cache_creation"] = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
+    record = validate(carrying(usage), now=NOW, rules=RULES)
+    assert record.usage == TokenUsage(
+        input_tokens=4521, cached_input_tokens=3000, cache_write_5m_tokens=1500, output_tokens=393
+    )
+
+
+def test_counts_that_agree_with_the_usage_object_stand() -> None:
+    record = validate(
+        carrying(
+            OPENAI_CHAT_RESPONSE["usage"],
+            input_tokens=1117,
+            cached_input_tokens=1024,
+            output_tokens=46,
+        ),
+        now=NOW,
+        rules=RULES,
+    )
+    assert record.usage == TokenUsage(1117, 1024, 0, 0, 46, 0)
+
+
+def test_counts_that_contradict_the_usage_object_are_rejected_with_the_difference() -> None:
+    # the commonest mis-billing: Anthropic's input_tokens copied as they are
+    event = carrying(ANTHROPIC_RESPONSE["usage"], input_tokens=21, output_tokens=393)
+    with pytest.raises(InvalidEvent) as rejected:
+        validate(event, now=NOW, rules=RULES)
+    assert rejected.value.rule == "provider_usage_contradicts"
+    reason = str(rejected.value)
+    assert reason.startswith(
+        "token counts contradict provider_usage_json: its anthropic.messages usage says "
+        "input_tokens 4521 (given 21), cached_input_tokens 3000 (given 0), "
+        "cache_write_5m_tokens 500 (given 0), cache_write_1h_tokens 1000 (given 0); "
+    )
+    assert "Anthropic's input_tokens exclude cache reads and writes" in reason
+
+
+def test_a_broken_usage_object_is_rejected_and_an_ambiguous_one_only_without_counts() -> None:
+    with pytest.raises(InvalidEvent, match="prompt_tokens is negative") as broken:
+        validate(carrying({"prompt_tokens": -3}, input_tokens=5), now=NOW, rules=RULES)
+    assert broken.value.rule == "provider_usage_invalid"
+
+    mixed = {"prompt_tokens": 100, "cache_read_input_tokens": 40}
+    assert validate(carrying(mixed, input_tokens=100, cached_input_tokens=40), now=NOW, rules=RULES)
+    with pytest.raises(InvalidEvent, match="no token counts, and provider_usage_json cannot"):
+        validate(carrying(mixed), now=NOW, rules=RULES)
+
+
+def test_counts_from_a_usage_object_respect_the_token_limit() -> None:
+    with pytest.raises(InvalidEvent, match="above the limit") as rejected:
+        validate(carrying({"prompt_tokens": RULES.max_tokens + 1}), now=NOW, rules=RULES)
+    assert rejected.value.rule == "too_many_tokens"
+
+
+def test_other_provider_usage_text_is_kept_and_changes_nothing() -> None:
+    for text in ('{"promptTokenCount": 12}', "free text", ""):
+        record = validate(carrying(text, input_tokens=12), now=NOW, rules=RULES)
+        assert (record.usage.input_tokens, record.provider_usage_json) == (12, text)

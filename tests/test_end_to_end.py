@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from conftest import Stack, event
 from meterline.v1 import usage_pb2
@@ -110,7 +110,7 @@ async def test_malformed_records_go_to_the_dead_letter_topic(stack: Stack, accou
     )
     await consumer.start()
     try:
-        letters = []
+        letters: list[ConsumerRecord[bytes, bytes]] = []
         while len(letters) < 3:
             batch = await consumer.getmany(timeout_ms=5000)
             assert batch, f"only {len(letters)} dead letters arrived"

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from meterline.lib.kafka import free_port
@@ -71,11 +72,13 @@ def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]
         start_new_session=True,  # a process group of its own, as in a terminal
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None,
     )
+    stdout = process.stdout
+    assert stdout is not None  # stdout=PIPE
     try:
-        banner = []
+        banner: list[str] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            line = process.stdout.readline()  # type: ignore[union-attr]
+            line = stdout.readline()
             assert line, "meterline up exited:\n" + "".join(banner)
             banner.append(line)
             if line.startswith("Press Ctrl-C"):
@@ -87,7 +90,7 @@ def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]
         if process.poll() is None:
             process.kill()
             process.wait()
-        process.stdout.close()  # type: ignore[union-attr]
+        stdout.close()
 
 
 async def quietly(target: str) -> SentTotals:
@@ -120,7 +123,16 @@ async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cle
                 await asyncio.sleep(0.2)
             assert body["totals"]["cost_usd"] == format_usd(picos), account
         metrics = (await client.get("/metrics")).text
-    assert "meterline_pipeline_consumed 800" in metrics
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    # one registry for every part: the pipeline's, ingest's and the API's own
+    assert samples[("meterline_pipeline_events_total", (("outcome", "consumed"),))] == 800
+    accepted = (("outcome", "accepted"), ("reason", "none"))
+    assert samples[("meterline_ingest_events_total", accepted)] == 800
+    assert any(name == "meterline_http_requests_total" for name, _ in samples)
 
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)

@@ -9,7 +9,7 @@ import pytest
 from genai_prices import types as gp
 from genai_prices.data_snapshot import DataSnapshot, get_snapshot
 
-from meterline.catalog import Catalog, PriceBook, genai_import
+from meterline.catalog import Catalog, PriceBook, genai_import, parse_price, seed_versions
 from meterline.catalog.genai_import import (
     DEFAULT_EFFECTIVE_FROM,
     ImportResult,
@@ -288,3 +288,184 @@ def test_import_into_the_warehouse_is_idempotent(warehouse: Warehouse) -> None:
     first = book.add(versions)
     assert len(first) == len(versions)
     assert book.add(versions) == []
+
+
+def acme(price: gp.ModelPrice, monkeypatch: pytest.MonkeyPatch) -> PriceVersion:
+    """The one version genai-prices' ``price`` imports as, for a made-up provider."""
+    provider = gp.Provider(
+        id="acme",
+        name="Acme",
+        api_pattern="https://acme",
+        models=[gp.ModelInfo(id="acme-1", match=gp.ClauseEquals("acme-1"), prices=price)],
+    )
+    monkeypatch.setattr(
+        genai_import, "get_snapshot", lambda: DataSnapshot([provider], from_auto_update=False)
+    )
+    return only(import_versions(), "acme-1", "acme")
+
+
+CACHE_USAGE = TokenUsage(
+    input_tokens=10_000,
+    cached_input_tokens=4_000,
+    cache_write_5m_tokens=2_000,
+    cache_write_1h_tokens=1_000,
+    output_tokens=500,
+)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours"),
+    [
+        ({}, {}),  # no cache rate at all: every cache token at the input rate
+        ({"cache_read_mtok": Decimal("0.3")}, {"cache_read": "0.3"}),
+        ({"cache_write_mtok": Decimal("3.75")}, {"cache_write_5m": "3.75"}),  # 1h: the write rate
+        (
+            {
+                "cache_read_mtok": Decimal(0),
+                "cache_write_mtok": Decimal(1),
+                "cache_write_1h_mtok": Decimal(6),
+            },
+            {"cache_read": "0", "cache_write_5m": "1", "cache_write_1h": "6"},  # 0 is free
+        ),
+    ],
+)
+def test_a_cache_rate_not_given_costs_the_same_on_every_path(
+    theirs: dict[str, Decimal], ours: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    price = gp.ModelPrice(input_mtok=Decimal(3), output_mtok=Decimal(15), **theirs)
+    imported = acme(price, monkeypatch).compile()
+    rates = {"input": "3", "output": "15"} | ours
+    by_api = parse_price(
+        {"model": "acme-1", "provider": "acme", "effective_from": "2024-01-01", "rates": rates}
+    ).compile()
+    seed_entry = {"model": "acme-1", "providers": ["acme"], "rates": rates}  # seed.json's form
+    by_seed = parse_price(
+        {**seed_entry, "provider": "acme", "effective_from": "2024-01-01T00:00:00Z"}, source="seed"
+    ).compile()
+    genai_total = price.calc_price(
+        gp.Usage(
+            input_tokens=CACHE_USAGE.input_tokens,
+            cache_read_tokens=CACHE_USAGE.cached_input_tokens,
+            cache_write_tokens=CACHE_USAGE.cache_write_5m_tokens
+            + CACHE_USAGE.cache_write_1h_tokens,
+            cache_write_1h_tokens=CACHE_USAGE.cache_write_1h_tokens,
+            output_tokens=CACHE_USAGE.output_tokens,
+        )
+    )["total_price"]
+    costs = {p.cost(CACHE_USAGE).picos for p in (imported, by_api, by_seed)}
+    assert costs == {genai_total * USD}
+    for name in ("cache_read", "cache_write_5m", "cache_write_1h"):
+        assert (
+            getattr(imported.base, name)
+            == getattr(by_api.base, name)
+            == getattr(by_seed.base, name)
+        )
+
+
+def test_the_seed_and_the_import_agree_on_cache_tokens(imported: list[PriceVersion]) -> None:
+    # the seed gives gemini-2.5-pro no cache-write rate, genai-prices neither: the input rate
+    seeded = Catalog(seed_versions()).price_for("gemini-2.5-pro", "google", datetime.now(UTC))
+    genai = only(imported, "gemini-2.5-pro", "google").compile()
+    assert seeded is not None
+    for total in (100_000, 250_000):  # both tiers
+        usage = TokenUsage(
+            input_tokens=total,
+            cached_input_tokens=total // 4,
+            cache_write_5m_tokens=total // 8,
+            cache_write_1h_tokens=total // 16,
+            output_tokens=1_000,
+        )
+        assert seeded.cost(usage).picos == genai.cost(usage).picos
+
+
+def test_an_absurd_rate_in_genai_prices_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    price = gp.ModelPrice(input_mtok=Decimal("1e30"), output_mtok=Decimal(1))
+    provider = gp.Provider(
+        id="acme",
+        name="Acme",
+        api_pattern="https://acme",
+        models=[gp.ModelInfo(id="acme-1", match=gp.ClauseEquals("acme-1"), prices=price)],
+    )
+    monkeypatch.setattr(
+        genai_import, "get_snapshot", lambda: DataSnapshot([provider], from_auto_update=False)
+    )
+    result = import_prices()
+    assert result.versions == []
+    assert result.skipped == {"rate out of bounds": 1}
+
+
+def genai_model(provider: str, name: str, *, by_id: bool = False) -> gp.ModelInfo | None:
+    """The model genai-prices prices ``name`` as (``by_id``: the model of that id)."""
+    providers = get_snapshot().providers
+    found = next(p for p in providers if p.id == provider)
+    own = next((m for m in found.models if m.id == name), None) if by_id else None
+    return own or found.find_model(name, all_providers=providers)
+
+
+@pytest.mark.parametrize(
+    ("name", "provider", "model"),
+    [
+        ("gpt-4o-2024-08-06", "openai", "gpt-4o"),  # an equals clause of gpt-4o
+        ("gpt-4.1-mini-2025-04-14", "azure", "gpt-4.1-mini"),  # through OpenAI's models
+        ("gpt-4o-2024-05-13", "openai", "gpt-4o-2024-05-13"),  # its own price: $5 / $15
+        ("claude-sonnet-4-5-20250929", "anthropic", "claude-sonnet-4-5"),  # a prefix rule
+        ("claude-sonnet-4.5-20250929", "anthropic", "claude-sonnet-4-5"),
+    ],
+)
+def test_a_dated_name_costs_what_genai_prices_matches_it_to(
+    imported: list[PriceVersion], name: str, provider: str, model: str
+) -> None:
+    theirs = genai_model(provider, name)  # genai-prices takes no vendor prefix; we do
+    name = f"vendor/{name.upper()}"
+    assert theirs is not None and theirs.id == model
+    price = Catalog(imported).price_for(name, provider, datetime.now(UTC))
+    assert price is not None
+    assert price.price_id == versions_of(imported, model, provider)[-1].price_id
+
+
+def test_a_dated_name_genai_prices_does_not_match_is_unpriced(
+    imported: list[PriceVersion],
+) -> None:
+    catalog = Catalog(imported)
+    assert genai_model("openai", "gpt-4o-2099-01-01") is None
+    assert catalog.price_for("gpt-4o-2099-01-01", "openai", datetime.now(UTC)) is None
+    assert catalog.price_for("gpt-4o", "openai", datetime.now(UTC)) is not None
+
+
+def test_every_alias_imported_costs_what_genai_prices_matches_it_to(
+    imported: list[PriceVersion],
+) -> None:
+    catalog = Catalog(imported)
+    now = datetime.now(UTC)
+    usage = TokenUsage(input_tokens=1_000, cached_input_tokens=300, output_tokens=77)
+    declared = 0
+    for version in imported:
+        names: list[tuple[str, ...]] = [(alias,) for alias in version.aliases]
+        if version.dated_aliases:  # genai-prices may match one spelling of a date only
+            names.append((f"{version.model}-20250101", f"{version.model}-2025-01-01"))
+        for spellings in names:
+            matched = [(n, m) for n in spellings if (m := genai_model(version.provider, n))]
+            assert matched, (version.provider, spellings)
+            for name, theirs in matched:
+                price = catalog.price_for(name, version.provider, now)
+                assert price is not None, (version.provider, name)
+                expected = theirs.get_prices(now).calc_price(
+                    gp.Usage(
+                        input_tokens=usage.input_tokens,
+                        cache_read_tokens=usage.cached_input_tokens,
+                        output_tokens=usage.output_tokens,
+                    )
+                )["total_price"]
+                assert price.cost(usage).picos == expected * USD, (version.provider, name)
+            declared += 1
+    assert declared > 500
+
+
+def test_imported_aliases_survive_the_warehouse(warehouse: Warehouse) -> None:
+    versions = [v for v in import_versions(["anthropic"]) if v.dated_aliases or v.aliases]
+    assert versions
+    PriceBook(warehouse).add(versions)
+    catalog = PriceBook(warehouse).load()
+    price = catalog.price_for("claude-sonnet-4-5-20250929", "anthropic", datetime.now(UTC))
+    assert price is not None
+    assert price.price_id in {v.price_id for v in versions if v.model == "claude-sonnet-4-5"}

@@ -1,4 +1,4 @@
-"""Unpriced events are priced later by an explicit job, without rewriting rows."""
+"""Unpriced events are priced later by an explicit, recorded job."""
 
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ async def test_unpriced_events_are_priced_once_a_price_exists(
     assert after["totals"]["unpriced_requests"] == 0
     assert after["totals"]["input_tokens"] == 3_000_000
     assert after["totals"]["cost_usd"] == "2.15"
-    history = stack.warehouse.query(
-        "SELECT sign, priced FROM usage_events WHERE account_id = {a:String} AND provider = 'acme' "
-        "ORDER BY inserted_at, sign",
+    stored = stack.warehouse.query(
+        "SELECT priced, price_id FROM usage_events FINAL "
+        "WHERE account_id = {a:String} AND provider = 'acme'",
         {"a": account_id},
     )
-    assert [(r["sign"], r["priced"]) for r in history] == [(1, 0), (-1, 0), (1, 1)]
+    assert [r["priced"] for r in stored] == [1]  # the event once, with its new price
+    assert stored[0]["price_id"].startswith("pv_")
     runs = stack.warehouse.query(
         "SELECT repriced, toString(cost_added_usd) AS added FROM repricing_runs "
         "WHERE run_id = {r:String}",

@@ -24,36 +24,49 @@ def test_deploy_ddl_is_the_generated_schema() -> None:
 
 UPGRADE = """
 import json, sys
-from datetime import UTC, datetime
-from meterline.lib.warehouse import USAGE_EVENT_COLUMNS
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from meterline.lib.warehouse.chdb import ChdbWarehouse
 from meterline.lib.warehouse import schema
 
 warehouse = ChdbWarehouse(sys.argv[1])
 full = schema.MIGRATIONS
-schema.MIGRATIONS = full[:2]  # a warehouse as the version before dedupe_keys left it
+schema.MIGRATIONS = full[:3]  # a warehouse as migration 3 left it: signed rows, hourly sums
 schema.migrate(warehouse)
+columns = [c["name"] for c in warehouse.query("DESCRIBE TABLE usage_events")]
+columns.remove("inserted_at")
 at = datetime(2026, 11, 1, tzinfo=UTC)
-row = dict.fromkeys(USAGE_EVENT_COLUMNS, 0)
-row.update(occurred_at=at, received_at=at, api_key_id="", model="m", provider="p",
-           status="ok", price_id="", price_tier="", sign=1, provider_usage_json="")
-rows = [{**row, "account_id": f"acct-{i % 3}", "event_id": f"ev-{i}"} for i in range(500)]
-warehouse.insert("usage_events", USAGE_EVENT_COLUMNS, [list(r.values()) for r in rows])
+def row(i, **values):
+    base = dict.fromkeys(columns, 0)
+    base.update(occurred_at=at, received_at=at, api_key_id="", model="m", provider="p",
+                status="ok", price_id="", price_tier="", sign=1, provider_usage_json="",
+                cost_usd=Decimal(0), account_id=f"acct-{i % 3}", event_id=f"ev-{i}")
+    base.update(values)
+    return [base[c] for c in columns]
+warehouse.insert("usage_events", columns, [row(i) for i in range(500)])
+# ev-0 was re-priced the old way: a reversal of the unpriced row, then the priced row
+warehouse.insert("usage_events", columns, [row(0, sign=-1)])
+warehouse.insert("usage_events", columns,
+                 [row(0, priced=1, price_id="pv_new", cost_usd=Decimal("1.5"))])
 schema.MIGRATIONS = full
 applied = schema.migrate(warehouse)
-upgrade = full[2][2]
-for statement in upgrade:  # a second attempt, as after a crash mid-migration
-    warehouse.command(statement)
-keys = warehouse.query(
-    "SELECT count() AS n, uniqExact(account_id, event_id) AS u FROM dedupe_keys FINAL"
+schema.apply(warehouse, full[3][2])  # a second attempt, as after a crash mid-migration
+events = warehouse.query(
+    "SELECT count() AS n, toString(sum(cost_usd)) AS cost, sum(priced) AS priced "
+    "FROM usage_events FINAL"
 )
+rollup = warehouse.query(
+    "SELECT sum(requests) AS n, toString(sum(cost_usd)) AS cost FROM usage_minutely FINAL"
+)
+keys = warehouse.query("SELECT uniqExact(account_id, event_id) AS u FROM dedupe_keys")
 tables = warehouse.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
-print(json.dumps({"applied": applied, "keys": keys, "tables": sorted(t["name"] for t in tables)}))
+print(json.dumps({"applied": applied, "events": events, "rollup": rollup, "keys": keys,
+                  "tables": sorted(t["name"] for t in tables)}))
 """
 
 
-def test_upgrade_carries_the_stored_dedupe_keys_over(tmp_path: Path) -> None:
-    """Events stored before the upgrade are still recognised when replayed after it."""
+def test_upgrade_keeps_every_event_once_with_its_newest_price(tmp_path: Path) -> None:
+    """Signed rows become one row per event; the rollup and dedupe keys follow."""
     import json
     import subprocess
     import sys
@@ -66,10 +79,15 @@ def test_upgrade_carries_the_stored_dedupe_keys_over(tmp_path: Path) -> None:
         check=True,
     )
     result = json.loads(out.stdout.splitlines()[-1])
-    assert result["applied"] == [3]
-    assert result["keys"] == [{"n": 500, "u": 500}]
-    assert "event_keys" not in result["tables"] and "event_keys_mv" not in result["tables"]
-    assert {"dedupe_keys", "dedupe_keys_mv"} <= set(result["tables"])
+    assert result["applied"] == [4]
+    assert result["events"] == [{"n": 500, "cost": "1.5", "priced": 1}]
+    assert result["rollup"] == [{"n": 500, "cost": "1.5"}]
+    assert result["keys"] == [{"u": 500}]
+    assert {"usage_events", "usage_minutely", "dedupe_keys", "dedupe_keys_mv"} <= set(
+        result["tables"]
+    )
+    gone = {"usage_hourly", "usage_hourly_mv", "usage_events_signed", "usage_events_replacing"}
+    assert not gone & set(result["tables"])
 
 
 def test_a_dedupe_lookup_reads_only_the_granules_of_its_keys(warehouse: Warehouse) -> None:

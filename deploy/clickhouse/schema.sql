@@ -140,3 +140,87 @@ INSERT INTO dedupe_keys (key_hash, account_id, event_id, occurred_at)
 SELECT cityHash64(account_id, event_id), account_id, event_id, occurred_at FROM event_keys;
 
 DROP TABLE IF EXISTS event_keys;
+
+
+-- migration 4: usage events replaced by identity, rollup recounted by minute
+
+DROP VIEW IF EXISTS usage_hourly_mv;
+
+DROP VIEW IF EXISTS dedupe_keys_mv;
+
+CREATE TABLE IF NOT EXISTS usage_events_replacing (
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC'),
+    received_at DateTime64(3, 'UTC'),
+    api_key_id String,
+    model String,
+    provider LowCardinality(String),
+    status LowCardinality(String),
+    input_tokens UInt64,
+    cached_input_tokens UInt64,
+    cache_write_5m_tokens UInt64,
+    cache_write_1h_tokens UInt64,
+    output_tokens UInt64,
+    reasoning_tokens UInt64,
+    latency_ms UInt32,
+    ttft_ms UInt32,
+    priced UInt8,
+    price_id String,
+    price_tier LowCardinality(String),
+    cost_usd Decimal(38, 12),
+    kafka_partition Int32,
+    kafka_offset Int64,
+    provider_usage_json String CODEC(ZSTD(3)),
+    priced_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(priced_at)
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (account_id, occurred_at, event_id);
+
+-- only where this returns a row: SELECT 1 FROM system.columns WHERE database = currentDatabase() AND table = 'usage_events' AND name = 'sign'
+
+INSERT INTO usage_events_replacing (account_id, event_id, occurred_at, received_at, api_key_id, model, provider, status, input_tokens, cached_input_tokens, cache_write_5m_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, latency_ms, ttft_ms, priced, price_id, price_tier, cost_usd, kafka_partition, kafka_offset, provider_usage_json, priced_at) SELECT account_id, event_id, occurred_at, received_at, api_key_id, model, provider, status, input_tokens, cached_input_tokens, cache_write_5m_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, latency_ms, ttft_ms, priced, price_id, price_tier, cost_usd, kafka_partition, kafka_offset, provider_usage_json, inserted_at FROM usage_events WHERE sign = 1;
+
+-- only where this returns a row: SELECT 1 FROM system.columns WHERE database = currentDatabase() AND table = 'usage_events' AND name = 'sign'
+
+RENAME TABLE usage_events TO usage_events_signed;
+
+-- only where this returns a row: SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = 'usage_events_replacing' AND NOT EXISTS (SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = 'usage_events')
+
+RENAME TABLE usage_events_replacing TO usage_events;
+
+DROP TABLE IF EXISTS usage_events_replacing;
+
+DROP TABLE IF EXISTS usage_events_signed;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
+SELECT cityHash64(account_id, event_id) AS key_hash, account_id, event_id, occurred_at
+FROM usage_events;
+
+DROP TABLE IF EXISTS usage_hourly;
+
+CREATE TABLE IF NOT EXISTS usage_minutely (
+    account_id String,
+    minute DateTime('UTC'),
+    model String,
+    provider LowCardinality(String),
+    requests UInt64,
+    unpriced_requests UInt64,
+    input_tokens UInt64,
+    cached_input_tokens UInt64,
+    cache_write_5m_tokens UInt64,
+    cache_write_1h_tokens UInt64,
+    output_tokens UInt64,
+    reasoning_tokens UInt64,
+    cost_usd Decimal(38, 12),
+    latency_ms_sum UInt64,
+    counted_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(counted_at)
+PARTITION BY toYYYYMM(minute)
+ORDER BY (account_id, minute, model, provider);
+
+INSERT INTO usage_minutely
+SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
+    count(), countIf(priced = 0), sum(input_tokens), sum(cached_input_tokens), sum(cache_write_5m_tokens), sum(cache_write_1h_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_usd), sum(latency_ms), now64(6)
+FROM usage_events FINAL
+GROUP BY account_id, minute, model, provider;

@@ -29,6 +29,16 @@ prices a request without a price context:
   ``effective_from`` (default 2024-01-01 UTC, before any event meterline
   still accepts).
 
+* Names: genai-prices matches a model by its own rules (``match`` clauses).
+  A dated name it maps to the model is imported as an alias, so it keeps the
+  model's price: each name of an ``equals`` clause that is a dated snapshot
+  of the model (``gpt-4o-2024-08-06`` of ``gpt-4o``), and every dated name
+  (``dated_aliases``) where genai-prices' own lookup gives the model for any
+  date in either spelling (prefix or pattern rules, as for Anthropic's
+  ``claude-sonnet-4-5-20250929``).
+  A dated name genai-prices does not map to the model stays unpriced, unless
+  it is a model of its own (``gpt-4o-2024-05-13``).
+
 Not imported, and counted in :class:`ImportResult`:
 
 * a model with a time-of-day price. genai-prices' undated price is then the
@@ -40,6 +50,8 @@ Not imported, and counted in :class:`ImportResult`:
 * a model with a rate finer than a millionth of a dollar per million tokens
   (or a fee finer than a pico-dollar): it cannot be priced exactly and is
   never rounded; logged as a warning.
+* a model with a rate or fee above the bounds of :mod:`meterline.money`
+  (none today: the dearest rate is $600 per million tokens); logged too.
 * two models of one provider that the catalog cannot tell apart
   (:func:`~meterline.catalog.model_key`) but that are priced differently.
 * request-context variants (batch, priority, flex, regional routes...):
@@ -65,17 +77,17 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time
 from decimal import Decimal
 
 from genai_prices import types as gp
 from genai_prices.data_snapshot import get_snapshot
 
-from meterline.catalog import model_key
+from meterline.catalog.catalog import _undated, model_key
 from meterline.catalog.pricing import LongContextTier, PriceVersion, Rates
-from meterline.money import MoneyError
+from meterline.money import AmountOutOfBounds, MoneyError
 
 __all__ = ["DEFAULT_EFFECTIVE_FROM", "SOURCE", "ImportResult", "import_prices", "import_versions"]
 
@@ -99,7 +111,6 @@ BILLED_KEYS = frozenset(
 )
 
 Price = Decimal | gp.TieredPrices
-_RATE_NAMES = tuple(f.name for f in fields(Rates))
 
 
 class _Skip(Exception):
@@ -157,19 +168,73 @@ def _rates(price: gp.ModelPrice, input_tokens: int) -> Rates:
     write_5m = rate("cache_write_5m_mtok")
     write_1h = rate("cache_write_1h_mtok")
     per_k_requests = rate("requests_kcount")
-    rates = Rates(
+    reasoning = rate("output_reasoning_mtok")
+    # every fallback written out (not left to the catalog's): the stored rates, and so the
+    # price ids, stay those of earlier imports, and genai-prices' rules are spelled out here
+    given = (input_or_zero, output, cache_read, cache_write, write_5m, write_1h, reasoning)
+    if any(v is not None and (not v.is_finite() or v < 0) for v in (*given, per_k_requests)):
+        raise _Skip("invalid rate")
+    return Rates(
         input=input_or_zero,
         output=Decimal(0) if output is None else output,
         cache_read=input_or_zero if cache_read is None else cache_read,
         cache_write_5m=cache_write if write_5m is None else write_5m,
         cache_write_1h=cache_write if write_1h is None else write_1h,
-        reasoning=rate("output_reasoning_mtok"),
-        request=Decimal(0) if per_k_requests is None else per_k_requests.scaleb(-3),  # exact
+        reasoning=reasoning,
+        request=Decimal(0) if per_k_requests is None else _per_request(per_k_requests),
     )
-    values = [v for v in (getattr(rates, name) for name in _RATE_NAMES) if v is not None]
-    if any(not v.is_finite() or v < 0 for v in values):
-        raise _Skip("invalid rate")
-    return rates
+
+
+def _per_request(per_thousand: Decimal) -> Decimal:
+    """A fee per 1000 requests as a fee per request, exactly (no context, so no rounding)."""
+    sign, digits, exponent = per_thousand.as_tuple()
+    assert isinstance(exponent, int)  # finite: checked by the caller
+    return Decimal((sign, digits, exponent - 3))
+
+
+def _equals_names(match: object) -> Iterator[str]:
+    """The names an ``equals`` clause of ``match`` gives (through ``or``, not ``and``)."""
+    if isinstance(match, gp.ClauseEquals):
+        yield match.equals
+    elif isinstance(match, gp.ClauseOr):
+        for clause in match.or_:
+            yield from _equals_names(clause)
+
+
+#: Dates no model is named after: if genai-prices maps them to a model, it maps any date.
+_ANY_DATE = ("-20991231", "-2099-12-31")
+
+
+def _aliases(
+    model: gp.ModelInfo, provider: gp.Provider, providers: list[gp.Provider]
+) -> tuple[tuple[str, ...], bool]:
+    """(dated names, every dated name?) that genai-prices itself prices as this model.
+
+    Every dated name is the model's when genai-prices' lookup gives it for a
+    date no model has (a prefix or pattern rule); otherwise the dated names of
+    its ``equals`` clauses that the lookup gives it, which may be another
+    model's snapshot spelled out ("deepseek-v4-flash-20260731" is
+    "deepseek-v4-flash-0731", not "deepseek-v4-flash").
+    """
+
+    def theirs(name: str) -> bool:
+        # is_match first: it is cheap, and needed; find_model then says whether an
+        # earlier model of the list takes the name first
+        return model.is_match(name) and (
+            provider.find_model(name, all_providers=providers) is model
+        )
+
+    own = model_key(model.id)
+    every_date = any(theirs(model.id + date) for date in _ANY_DATE)
+    names: dict[str, str] = {}
+    for name in _equals_names(model.match):
+        key = model_key(name)
+        undated = _undated(key)
+        if key == own or undated == key or (every_date and undated == own):
+            continue  # the model itself, not a dated name, or a date already covered
+        if theirs(name):
+            names.setdefault(key, name)
+    return tuple(sorted(names.values())), every_date
 
 
 def _thresholds(price: gp.ModelPrice) -> list[int]:
@@ -215,9 +280,13 @@ def _timeline(model: gp.ModelInfo, start: datetime) -> list[tuple[datetime, gp.M
 
 
 def _versions(
-    model: gp.ModelInfo, provider: str, start: datetime, dropped: Counter[str]
+    model: gp.ModelInfo,
+    provider: str,
+    start: datetime,
+    dropped: Counter[str],
+    names: tuple[tuple[str, ...], bool] = ((), False),
 ) -> list[PriceVersion]:
-    """All versions of one (model, provider), or :class:`_Skip`."""
+    """All versions of one (model, provider), or :class:`_Skip`; ``names`` from :func:`_aliases`."""
     timeline = _timeline(model, start)
     if any(
         _price(price, "input_mtok") is None and _price(price, "output_mtok") is None
@@ -234,10 +303,13 @@ def _versions(
                 rates=_rates(price, 0),
                 tiers=_tiers(price),
                 source=SOURCE,
+                aliases=names[0],
+                dated_aliases=names[1],
             )
         except MoneyError as exc:
             log.warning("genai-prices: %s/%s not imported: %s", provider, model.id, exc)
-            raise _Skip("inexact rate") from exc
+            bounds = isinstance(exc, AmountOutOfBounds)
+            raise _Skip("rate out of bounds" if bounds else "inexact rate") from exc
         if not versions or versions[-1].spec_json() != version.spec_json():
             versions.append(version)
     for key in {k for _, p in timeline for k, v in vars(p).items() if v is not None} - BILLED_KEYS:
@@ -257,6 +329,27 @@ def _candidates(provider: gp.Provider, providers: list[gp.Provider]) -> Iterable
         for model in by_id[fallback_id].models if fallback_id in by_id else ():
             if provider.find_model(model.id, all_providers=providers) is model:
                 yield model
+
+
+def _price_json(version: PriceVersion) -> str:
+    """The version's price, names left out: what tells two models of one key apart."""
+    spec = {k: v for k, v in version.spec_json().items() if k not in ("aliases", "dated_aliases")}
+    return json.dumps(spec, sort_keys=True)
+
+
+def _with_names_of(
+    versions: list[PriceVersion], alike: list[list[PriceVersion]]
+) -> list[PriceVersion]:
+    """``versions`` declaring the aliases of every model in ``alike`` (one key, one price)."""
+    names: dict[str, str] = {}
+    for vs in alike:
+        for alias in vs[0].aliases:
+            names.setdefault(model_key(alias), alias)
+    aliases = tuple(sorted(names.values()))
+    dated = any(vs[0].dated_aliases for vs in alike)
+    if (aliases, dated) == (versions[0].aliases, versions[0].dated_aliases):
+        return versions
+    return [replace(v, aliases=aliases, dated_aliases=dated, price_id="") for v in versions]
 
 
 def import_prices(
@@ -289,16 +382,15 @@ def import_prices(
         for model in _candidates(provider, snapshot):
             dropped: Counter[str] = Counter()
             try:
-                versions = _versions(model, name, start, dropped)
+                versions = _versions(
+                    model, name, start, dropped, _aliases(model, provider, snapshot)
+                )
             except _Skip as skip:
                 result.skipped[skip.args[0]] += 1
                 continue
             by_key.setdefault(model_key(model.id), []).append((model.id, versions, dropped))
         for key, entries in by_key.items():
-            prices = {
-                tuple((v.effective_from, json.dumps(v.spec_json(), sort_keys=True)) for v in vs)
-                for _, vs, _ in entries
-            }
+            prices = {tuple((v.effective_from, _price_json(v)) for v in vs) for _, vs, _ in entries}
             if len(prices) > 1:
                 log.warning(
                     "genai-prices: %s models %s share the catalog key %r but not their price; "
@@ -312,7 +404,7 @@ def import_prices(
             if len(entries) > 1:
                 result.skipped["same name and price as another model"] += len(entries) - 1
             _, versions, dropped = entries[0]
-            result.versions.extend(versions)
+            result.versions.extend(_with_names_of(versions, [vs for _, vs, _ in entries]))
             result.dropped.update(dropped)
     return result
 

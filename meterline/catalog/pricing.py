@@ -12,51 +12,106 @@ Price = uncached input × input rate + cache reads × cache-read rate
       + per-request fee.
 A long-context tier, chosen by the total input, replaces every rate once the
 request's input crosses its threshold.
+
+A rate a price does not give costs its parent's rate, as providers and
+genai-prices bill it: cache reads and 5-minute cache writes the input rate,
+1-hour cache writes the 5-minute write rate (so the input rate when neither
+is given), reasoning the output rate. "Not given" is ``None`` and stays
+``None`` in the stored form; a rate given as 0 is free. The fallback is
+resolved in one place, :func:`_compile_rates`.
+
+Every amount is bounded (:mod:`meterline.money`, "Bounds") so that no store
+can overflow; a price outside the bounds is refused when it is made.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from decimal import Decimal
 
-from meterline.money import rate_to_picos_per_token, to_decimal, usd_to_picos
+from meterline.money import (
+    MAX_RATE_USD_PER_MTOK,
+    MAX_REQUEST_FEE_USD,
+    MAX_TOKEN_COUNT,
+    check_bound,
+    rate_to_picos_per_token,
+    to_decimal,
+    usd_to_picos,
+)
 from meterline.tokens import TokenUsage
+
+_PER_MTOK = "USD per million tokens"
+
+#: Rates a price may leave out (``None``), and the rate each then costs.
+FALLBACKS: Mapping[str, str] = {
+    "cache_read": "input",
+    "cache_write_5m": "input",
+    "cache_write_1h": "cache_write_5m",
+    "reasoning": "output",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Rates:
     """US dollars per million tokens, plus a per-request fee in dollars.
 
-    ``reasoning`` is ``None`` when reasoning tokens cost the output rate.
+    A rate left out (``None``) costs the rate :data:`FALLBACKS` names: the
+    cache rates the input rate (1-hour writes the 5-minute write rate first),
+    reasoning the output rate. Every rate is at most
+    :data:`~meterline.money.MAX_RATE_USD_PER_MTOK`, the fee at most
+    :data:`~meterline.money.MAX_REQUEST_FEE_USD`; anything else is refused
+    with a :class:`~meterline.money.MoneyError` naming the rate and the bound.
     """
 
     input: Decimal
     output: Decimal
-    cache_read: Decimal = Decimal(0)
-    cache_write_5m: Decimal = Decimal(0)
-    cache_write_1h: Decimal = Decimal(0)
+    cache_read: Decimal | None = None
+    cache_write_5m: Decimal | None = None
+    cache_write_1h: Decimal | None = None
     reasoning: Decimal | None = None
     request: Decimal = Decimal(0)
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.name in FALLBACKS:
+                    continue
+                raise ValueError(f"missing rate: {f.name}")
+            if f.name == "request":
+                what, bound, unit = "request fee", MAX_REQUEST_FEE_USD, "USD per request"
+            else:
+                what, bound, unit = f"{f.name} rate", MAX_RATE_USD_PER_MTOK, _PER_MTOK
+            amount = check_bound(to_decimal(value, what=what), bound, what=what, unit=unit)
+            object.__setattr__(self, f.name, amount)
+
     def to_json(self) -> dict[str, str | None]:
+        """Every rate as given: a decimal string, or ``None`` (null) where it falls back."""
         return {
             f.name: (None if getattr(self, f.name) is None else str(getattr(self, f.name)))
             for f in fields(self)
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, str | None]) -> Rates:
+    def from_json(cls, data: Mapping[str, str | None]) -> Rates:
+        """Rates from their JSON form; a rate absent or null is not given (see :data:`FALLBACKS`).
+
+        Versions stored before the fallback existed wrote every rate, "0" where
+        none was given, so they keep costing what they cost then.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"rates must be an object of decimal strings, not {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown rate(s): {', '.join(sorted(unknown))}")
+            raise ValueError(f"unknown rate(s): {', '.join(sorted(map(str, unknown)))}")
         values = {
-            name: to_decimal(value, what=name)  # type: ignore[arg-type]
-            for name, value in data.items()
-            if value is not None
+            name: to_decimal(value, what=name) for name, value in data.items() if value is not None
         }
         missing = {"input", "output"} - set(values)
         if missing:
@@ -71,10 +126,47 @@ class LongContextTier:
     above_input_tokens: int
     rates: Rates
 
+    def __post_init__(self) -> None:
+        threshold = self.above_input_tokens
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise ValueError(f"above_input_tokens: {threshold!r} is not a whole number of tokens")
+        if not 0 <= threshold <= MAX_TOKEN_COUNT:
+            raise ValueError(
+                f"above_input_tokens: {threshold} is outside 0 to {MAX_TOKEN_COUNT} tokens "
+                "(the most tokens an event may count)"
+            )
+
+
+def _aliases(model: str, names: Iterable[str]) -> tuple[str, ...]:
+    """Alias names, stripped, sorted and checked: none is the model's own name or repeated."""
+    # imported here: catalog.py imports this module
+    from meterline.catalog.catalog import model_key
+
+    if isinstance(names, str):
+        raise ValueError("aliases must be a list of model names, not one string")
+    found: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"alias {name!r} is not a model name")
+        key = model_key(name)
+        if key == model_key(model):
+            raise ValueError(f"alias {name!r} is the model's own name")
+        if key in found:
+            raise ValueError(f"aliases {found[key]!r} and {name.strip()!r} are the same name")
+        found[key] = name.strip()
+    return tuple(sorted(found.values()))
+
 
 @dataclass(frozen=True, slots=True)
 class PriceVersion:
-    """The price of one (model, provider) from ``effective_from`` until the next version."""
+    """The price of one (model, provider) from ``effective_from`` until the next version.
+
+    ``aliases`` are other names of the same model (dated snapshots such as
+    "gpt-4.1-mini-2025-04-14") that cost this price; ``dated_aliases`` makes
+    every dated name of the model ("<model>-YYYYMMDD", "<model>-YYYY-MM-DD")
+    one. Without either, a dated name is unpriced unless it has its own price
+    (see :class:`~meterline.catalog.Catalog`).
+    """
 
     model: str
     provider: str
@@ -83,13 +175,20 @@ class PriceVersion:
     tiers: tuple[LongContextTier, ...] = ()
     source: str = "manual"
     price_id: str = field(default="")
+    aliases: tuple[str, ...] = ()
+    dated_aliases: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dated_aliases, bool):
+            raise ValueError(f"dated_aliases: {self.dated_aliases!r} is not true or false")
+        object.__setattr__(self, "aliases", _aliases(self.model, self.aliases))
+        tiers = tuple(sorted(self.tiers, key=lambda t: t.above_input_tokens))
+        for before, after in itertools.pairwise(tiers):
+            if before.above_input_tokens == after.above_input_tokens:
+                raise ValueError(f"two tiers above {after.above_input_tokens} input tokens")
+        object.__setattr__(self, "tiers", tiers)
         if not self.price_id:
             object.__setattr__(self, "price_id", self._content_id())
-        object.__setattr__(
-            self, "tiers", tuple(sorted(self.tiers, key=lambda t: t.above_input_tokens))
-        )
         self.compile()  # refuse inexact rates now, not when the first event arrives
 
     def _content_id(self) -> str:
@@ -99,13 +198,19 @@ class PriceVersion:
         return "pv_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def spec_json(self) -> dict[str, object]:
-        return {
+        """The stored form (``price_versions.spec_json``); alias keys only where declared."""
+        spec: dict[str, object] = {
             "rates": self.rates.to_json(),
             "tiers": [
                 {"above_input_tokens": t.above_input_tokens, "rates": t.rates.to_json()}
                 for t in self.tiers
             ],
         }
+        if self.aliases:  # left out otherwise, so versions without keep their ids
+            spec["aliases"] = list(self.aliases)
+        if self.dated_aliases:
+            spec["dated_aliases"] = True
+        return spec
 
     def compile(self) -> CompiledPrice:
         return CompiledPrice(
@@ -136,18 +241,24 @@ class CompiledRates:
 
 
 def _compile_rates(rates: Rates, *, tier: str) -> CompiledRates:
-    def per_token(name: str, value: Decimal) -> int:
+    """Integer rates, each rate not given resolved to its fallback (:data:`FALLBACKS`) here."""
+
+    def per_token(name: str, value: Decimal | None, fallback: int) -> int:
+        if value is None:
+            return fallback
         return rate_to_picos_per_token(value, what=f"{name} rate ({tier})")
 
-    output = per_token("output", rates.output)
+    input_ = rate_to_picos_per_token(rates.input, what=f"input rate ({tier})")
+    output = rate_to_picos_per_token(rates.output, what=f"output rate ({tier})")
+    write_5m = per_token("cache_write_5m", rates.cache_write_5m, input_)
     return CompiledRates(
         tier=tier,
-        input=per_token("input", rates.input),
-        cache_read=per_token("cache_read", rates.cache_read),
-        cache_write_5m=per_token("cache_write_5m", rates.cache_write_5m),
-        cache_write_1h=per_token("cache_write_1h", rates.cache_write_1h),
+        input=input_,
+        cache_read=per_token("cache_read", rates.cache_read, input_),
+        cache_write_5m=write_5m,
+        cache_write_1h=per_token("cache_write_1h", rates.cache_write_1h, write_5m),
         output=output,
-        reasoning=output if rates.reasoning is None else per_token("reasoning", rates.reasoning),
+        reasoning=per_token("reasoning", rates.reasoning, output),
         request=usd_to_picos(rates.request, what=f"request fee ({tier})"),
     )
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from meterline.money import MAX_TOKEN_COUNT
 
 
 def _prefix(concern: str) -> SettingsConfigDict:
@@ -39,6 +42,12 @@ class KafkaSettings(BaseSettings):
         19092, description="Port of the embedded broker (used when bootstrap_servers is empty)."
     )
     request_timeout_ms: int = Field(30_000, description="Producer and admin request timeout.")
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=3_000,
+        description="A pipeline instance silent this long (crashed, frozen) loses its "
+        "partitions to the others; heartbeats go every second.",
+    )
 
 
 class ClickHouseSettings(BaseSettings):
@@ -71,7 +80,27 @@ class IngestSettings(BaseSettings):
     port: int = Field(50051, description="Port of the gRPC server (ingest).")
     max_concurrent_rpcs: int = Field(256, ge=1, description="Back-pressure: RPCs in flight.")
     max_events_per_request: int = Field(10_000, ge=1, description="Larger reports are refused.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024 * 1024 * 1024,
+        description="Largest ReportUsage request, or StreamUsage message, in bytes. 64 MiB "
+        "holds 3,000 events at the largest provider_usage_json (EventRules: 16 KiB), or "
+        "10,000 of 6 KiB. A larger report is refused RESOURCE_EXHAUSTED; in a stream, each "
+        "event of a larger message is rejected and the stream goes on. gRPC reads messages "
+        "up to twice this size, and ends the call RESOURCE_EXHAUSTED beyond.",
+    )
     grace_s: float = Field(5.0, ge=0, description="In-flight RPCs get this long on shutdown.")
+
+
+class LogSettings(BaseSettings):
+    model_config = _prefix("LOG_")
+
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one readable line per record; json: one JSON object per line "
+        "(time, level, logger, message, exc_info), for a log collector.",
+    )
 
 
 class HttpSettings(BaseSettings):
@@ -79,6 +108,11 @@ class HttpSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface of the HTTP API.")
     port: int = Field(8000, description="Port of the HTTP API.")
+    metrics_public: bool = Field(
+        True,
+        description="Serve Prometheus metrics at the API's /metrics; False answers 404 there "
+        "(when the API's interface is reachable by more than the scraper).",
+    )
 
 
 class MetricsSettings(BaseSettings):
@@ -102,7 +136,10 @@ class EventRules(BaseSettings):
         timedelta(minutes=5), description="Clock skew tolerated ahead of now."
     )
     max_tokens: int = Field(
-        100_000_000, description="Larger token counts in one request are rejected as absurd."
+        MAX_TOKEN_COUNT,
+        ge=1,
+        le=MAX_TOKEN_COUNT,  # the bound that keeps every cost and sum inside its column
+        description="Larger token counts in one request are rejected as absurd.",
     )
     max_id_length: int = Field(128, description="Longest event, account and API key id.")
     max_name_length: int = Field(256, description="Longest model and provider name.")
@@ -123,6 +160,7 @@ class Settings(BaseSettings):
     grpc: IngestSettings = Field(default_factory=IngestSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
     events: EventRules = Field(default_factory=EventRules)
 
     @field_validator("data_dir")

@@ -28,6 +28,27 @@ if _version_not_supported:
 class IngestServiceStub:
     """IngestService takes usage from gateways and puts it on Kafka. A report is
     acknowledged only after Kafka confirmed the write of every accepted event.
+
+    Every event is answered for on its own: accepted, or rejected with the
+    reason (the first rule it breaks, and every other). An event whose bytes
+    are not a UsageEvent (invalid UTF-8 in a string field, say) is rejected
+    alone; the others of its request are still taken. An event may leave its
+    token counts at zero and carry its provider's usage object (OpenAI Chat
+    Completions or Responses, Anthropic Messages) in provider_usage_json: the
+    counts are then taken from it, and written to Kafka. Counts given beside a
+    usage object must agree with it. Lateness is judged once, against the time
+    ingest took the message; the Kafka record carries that time.
+
+    Limits: a request (or stream message) holds at most
+    METERLINE_GRPC_MAX_EVENTS_PER_REQUEST events (10,000) and at most
+    METERLINE_GRPC_MAX_MESSAGE_BYTES bytes (64 MiB); clients should set their
+    max send (and receive) message length to the latter. gRPC itself refuses
+    a message over twice that size, with RESOURCE_EXHAUSTED.
+
+    When a call fails (UNAVAILABLE: Kafka did not confirm a write; CANCELLED;
+    DEADLINE_EXCEEDED), some of its events may have been produced: send the
+    same events again. They are deduplicated by (account_id, event_id), so
+    none is billed twice.
     """
 
     def __init__(self, channel):
@@ -51,10 +72,34 @@ class IngestServiceStub:
 class IngestServiceServicer:
     """IngestService takes usage from gateways and puts it on Kafka. A report is
     acknowledged only after Kafka confirmed the write of every accepted event.
+
+    Every event is answered for on its own: accepted, or rejected with the
+    reason (the first rule it breaks, and every other). An event whose bytes
+    are not a UsageEvent (invalid UTF-8 in a string field, say) is rejected
+    alone; the others of its request are still taken. An event may leave its
+    token counts at zero and carry its provider's usage object (OpenAI Chat
+    Completions or Responses, Anthropic Messages) in provider_usage_json: the
+    counts are then taken from it, and written to Kafka. Counts given beside a
+    usage object must agree with it. Lateness is judged once, against the time
+    ingest took the message; the Kafka record carries that time.
+
+    Limits: a request (or stream message) holds at most
+    METERLINE_GRPC_MAX_EVENTS_PER_REQUEST events (10,000) and at most
+    METERLINE_GRPC_MAX_MESSAGE_BYTES bytes (64 MiB); clients should set their
+    max send (and receive) message length to the latter. gRPC itself refuses
+    a message over twice that size, with RESOURCE_EXHAUSTED.
+
+    When a call fails (UNAVAILABLE: Kafka did not confirm a write; CANCELLED;
+    DEADLINE_EXCEEDED), some of its events may have been produced: send the
+    same events again. They are deduplicated by (account_id, event_id), so
+    none is billed twice.
     """
 
     def ReportUsage(self, request, context):
-        """ReportUsage takes a batch of events and answers for each one.
+        """ReportUsage takes a batch of events and answers for each one. Nothing of
+        a batch over a limit is produced: RESOURCE_EXHAUSTED when it is too many
+        bytes, INVALID_ARGUMENT when it is too many events or not a
+        ReportUsageRequest at all.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,7 +107,23 @@ class IngestServiceServicer:
 
     def StreamUsage(self, request_iterator, context):
         """StreamUsage takes a stream of batches and answers once, for all of them,
-        when the client closes the stream.
+        when the client closes the stream. What it promises:
+
+        - Each message is read and validated whole before any of its events is
+        produced, and Kafka has confirmed a message's accepted events before the
+        next message is read.
+        - A message over a limit (too many events, too many bytes) does not end
+        the stream: each of its events is rejected with the reason, nothing of
+        it is produced, and the stream goes on with the next message.
+        - The call fails only when the server cannot answer for what it took:
+        Kafka did not confirm a write (UNAVAILABLE), a message is not a
+        StreamUsageRequest at all or is over twice the byte limit
+        (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), or the call was cancelled. The
+        events of the messages before may then have been produced: send the
+        whole stream again (see above: nothing is billed twice).
+        - The response has one result per event streamed: a client streaming very
+        many events (more than ~80,000, at 50 bytes a result) must raise its max
+        receive message length above gRPC's 4 MiB default, or use several streams.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +153,27 @@ def add_IngestServiceServicer_to_server(servicer, server):
 class IngestService:
     """IngestService takes usage from gateways and puts it on Kafka. A report is
     acknowledged only after Kafka confirmed the write of every accepted event.
+
+    Every event is answered for on its own: accepted, or rejected with the
+    reason (the first rule it breaks, and every other). An event whose bytes
+    are not a UsageEvent (invalid UTF-8 in a string field, say) is rejected
+    alone; the others of its request are still taken. An event may leave its
+    token counts at zero and carry its provider's usage object (OpenAI Chat
+    Completions or Responses, Anthropic Messages) in provider_usage_json: the
+    counts are then taken from it, and written to Kafka. Counts given beside a
+    usage object must agree with it. Lateness is judged once, against the time
+    ingest took the message; the Kafka record carries that time.
+
+    Limits: a request (or stream message) holds at most
+    METERLINE_GRPC_MAX_EVENTS_PER_REQUEST events (10,000) and at most
+    METERLINE_GRPC_MAX_MESSAGE_BYTES bytes (64 MiB); clients should set their
+    max send (and receive) message length to the latter. gRPC itself refuses
+    a message over twice that size, with RESOURCE_EXHAUSTED.
+
+    When a call fails (UNAVAILABLE: Kafka did not confirm a write; CANCELLED;
+    DEADLINE_EXCEEDED), some of its events may have been produced: send the
+    same events again. They are deduplicated by (account_id, event_id), so
+    none is billed twice.
     """
 
     @staticmethod

@@ -1,111 +1,187 @@
-"""The pricing pipeline: Kafka usage events -> priced rows in ClickHouse.
+"""The pricing pipeline: Kafka usage events -> priced events in the warehouse.
 
-One consumer group, any number of instances, batch-first. A flush is
-
-    decode -> validate -> dedupe in batch -> dedupe against the warehouse
-    -> price -> insert -> dead-letter the bad -> commit offsets
-
-and offsets are committed only after the insert, so a crash anywhere replays
-the batch. The work up to the insert runs inside the warehouse engine for
-every record it can check (:mod:`.in_warehouse`); the rest, and any batch the
-engine cannot parse, goes through the same steps in Python, record by record.
-
-The replay is harmless: the warehouse's ``dedupe_keys`` (filled by
-a materialized view in the same insert as the rows) already holds every
-event that was written, so those events are skipped, not counted twice.
-Partitions are given up only after the in-flight flush committed.
+One consumer group, any number of instances, batch-first: records are
+buffered until ``max_batch_events`` or ``max_batch_wait_ms``, then one flush
+(:class:`~pipelines.pricing.sink.UsageSink`) prices and stores them, the
+records nobody can bill go to the dead-letter topic with their reason, and
+only then are the offsets committed. A crash anywhere replays the batch; the
+store is idempotent by event identity, so the replay changes nothing but
+hands the flush handlers what was stored. One flush is in flight at a time
+while consuming goes on, and partitions are given up only after it committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from meterline.catalog import Catalog, PriceBook
 from meterline.lib.settings import Settings
-from meterline.lib.warehouse import USAGE_EVENT_COLUMNS, Warehouse, WarehouseError
-from meterline.lib.warehouse.schema import stored_keys_sql
-from meterline.money import picos_to_usd
-from meterline.usage import InvalidEvent, decode, validate
-from pipelines.pricing.in_warehouse import (
-    EncodedBatch,
-    WarehouseLane,
-    drop_stale_scratch,
-    encode_records,
-)
+from meterline.lib.warehouse import Warehouse, WarehouseError
+from meterline.usage.clickhouse import ClickHouseUsageStore
+from meterline.usage.store import FlushHandler
+from pipelines.pricing.sink import DeadLetter, Flushed, UsageSink
 
 log = logging.getLogger(__name__)
 
+#: Longest a step of stopping (last flush, closing a Kafka client) may take.
+STOP_STEP_S = 30.0
+#: How often the lag per partition is asked of the broker.
+LAG_EVERY_S = 2.0
+#: A dead letter's value is cut to this size (a header says so): the broker
+#: takes about 1 MiB a request, and an oversize record must not stop the line.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
 
-@dataclass
+
 class PipelineMetrics:
-    """Counters since start; ``events_per_s`` and ``lag`` are from the last flush."""
+    """What the pipeline did since it started, also as Prometheus metrics.
 
-    consumed: int = 0
-    priced: int = 0
-    unpriced: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    flushes: int = 0
-    commit_failures: int = 0
-    write_retries: int = 0
-    lag: int = 0
-    events_per_s: float = 0.0
-    started_at: float = field(default_factory=time.monotonic)
+    Plain counters the code and the tests read, exported by a collector on
+    the registry given (a process's own, or a test's); flush step durations
+    are histograms.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.consumed = 0
+        self.priced = 0
+        self.unpriced = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        self.set_aside = 0
+        self.flushes = 0
+        self.commit_failures = 0
+        self.write_retries = 0
+        self.catalog_skipped = 0
+        self.lag_by_partition: dict[int, int] = {}
+        self.events_per_s = 0.0
+        registry = registry if registry is not None else CollectorRegistry()
+        self.step_seconds = Histogram(
+            "meterline_pipeline_flush_step_seconds",
+            "Time spent in each step of a flush",
+            ["step"],
+            registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        registry.register(_PipelineCollector(self))
+
+    @property
+    def lag(self) -> int:
+        return sum(self.lag_by_partition.values())
+
+    def observe(self, step: str, seconds: float) -> None:
+        self.step_seconds.labels(step).observe(seconds)
+
+    def count(self, records: int, flushed: Flushed) -> None:
+        self.consumed += records
+        self.duplicates += flushed.duplicates
+        self.dead_lettered += len(flushed.dead)
+        self.set_aside += flushed.set_aside
+        self.unpriced += flushed.unpriced
+        self.priced += flushed.written - flushed.unpriced
+        self.flushes += 1
 
     def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in vars(self).items() if k != "started_at"}
+        names = (
+            "consumed",
+            "priced",
+            "unpriced",
+            "duplicates",
+            "dead_lettered",
+            "set_aside",
+            "flushes",
+            "commit_failures",
+            "write_retries",
+            "lag",
+            "events_per_s",
+        )
+        return {name: getattr(self, name) for name in names}
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    record: ConsumerRecord[bytes, bytes]
-    reason: str
+class _PipelineCollector(Collector):
+    def __init__(self, metrics: PipelineMetrics) -> None:
+        self.metrics = metrics
 
-
-@dataclass(frozen=True, slots=True)
-class Written:
-    """What a batch's write stored, and what it turned away."""
-
-    events: int
-    unpriced: int
-    dead: list[DeadLetter]
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        events = CounterMetricFamily(
+            "meterline_pipeline_events",
+            "Records the pipeline consumed, and what became of them",
+            labels=["outcome"],
+        )
+        for outcome, value in (
+            ("consumed", m.consumed),
+            ("priced", m.priced),
+            ("unpriced", m.unpriced),
+            ("duplicate", m.duplicates),
+            ("dead_lettered", m.dead_lettered),
+            ("set_aside", m.set_aside),
+        ):
+            events.add_metric([outcome], value)
+        yield events
+        yield CounterMetricFamily("meterline_pipeline_flushes", "Batches stored", value=m.flushes)
+        yield CounterMetricFamily(
+            "meterline_pipeline_write_retries", "Flushes retried after a failure", m.write_retries
+        )
+        yield CounterMetricFamily(
+            "meterline_pipeline_commit_failures",
+            "Offset commits refused (the records are replayed and deduplicated)",
+            m.commit_failures,
+        )
+        lag = GaugeMetricFamily(
+            "meterline_pipeline_lag",
+            "Records on an assigned partition not yet committed",
+            labels=["partition"],
+        )
+        for partition, value in sorted(m.lag_by_partition.items()):
+            lag.add_metric([str(partition)], value)
+        yield lag
 
 
 class PricingPipeline:
     """Consumes the usage topic, prices each event, writes it to the warehouse."""
 
-    def __init__(self, settings: Settings, warehouse: Warehouse, bootstrap_servers: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        warehouse: Warehouse,
+        bootstrap_servers: str,
+        *,
+        handlers: Sequence[FlushHandler] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.settings = settings
         self.warehouse = warehouse
         self.bootstrap_servers = bootstrap_servers
         self.price_book = PriceBook(warehouse)
         self.catalog = Catalog(())
-        self.metrics = PipelineMetrics()
-        # two sets of scratch tables: a batch is parsed into one while the
-        # batch before it is written from the other
-        self.lanes = (
-            WarehouseLane(warehouse, settings.events),
-            WarehouseLane(warehouse, settings.events),
+        self.metrics = PipelineMetrics(registry)
+        self.sink = UsageSink(
+            ClickHouseUsageStore(warehouse),
+            settings.events,
+            handlers,
+            observe=self.metrics.observe,
         )
-        self._next_lane = 0
         self._buffer: list[ConsumerRecord[bytes, bytes]] = []
         self._flush_lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()  # run()'s stop signal; ends write retries
+        self._stop = asyncio.Event()
+        #: once stopping: when retrying a failed flush ends (monotonic time)
+        self._retry_until: float | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._catalog_loaded_at = 0.0
-        self._scratch_tended_at = 0.0
+        self._lag_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -115,6 +191,7 @@ class PricingPipeline:
         With ``drain_s``, keep consuming after ``stop`` until the assigned
         partitions are empty or that many seconds passed: an embedded broker
         keeps records in memory only, so they must be priced before it stops.
+        A failing write is retried for as long as the drain may take.
         """
         kafka = self.settings.kafka
         self._stop = stop
@@ -124,6 +201,7 @@ class PricingPipeline:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             heartbeat_interval_ms=1000,  # notice rebalances quickly: partitions move sooner
+            session_timeout_ms=kafka.session_timeout_ms,
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=32 << 20,
         )
@@ -131,15 +209,13 @@ class PricingPipeline:
             bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=False
         )
         await self._refresh_catalog(force=True)
-        for lane in self.lanes:
-            await asyncio.to_thread(lane.create)
-        await self._tend_scratch(force=True)
         try:
             await self._producer.start()
             self._consumer.subscribe([kafka.topic], listener=_FlushOnRevoke(self))
             await self._consumer.start()
             log.info("pricing pipeline consuming %s as group %s", kafka.topic, kafka.consumer_group)
             await self._consume()
+            self._retry_until = time.monotonic() + drain_s
             if drain_s > 0:
                 try:
                     await asyncio.wait_for(self._drain(drain_s), drain_s + STOP_STEP_S)
@@ -150,14 +226,12 @@ class PricingPipeline:
             # forever. What is not committed is replayed later, and deduped.
             # aiokafka's consumer lets a cancelled fetch escape its stop(); the
             # producer is stopped all the same.
+            self._retry_until = min(self._retry_until or 0.0, time.monotonic() + STOP_STEP_S)
             for step in (self.flush, self._consumer.stop, self._producer.stop):
                 try:
                     await asyncio.wait_for(step(), STOP_STEP_S)
                 except (Exception, asyncio.CancelledError) as exc:
-                    log.warning("while stopping: %s", str(exc) or type(exc).__name__)
-            for lane in self.lanes:
-                with contextlib.suppress(WarehouseError):
-                    await asyncio.to_thread(lane.drop)
+                    log.warning("while stopping: %s", _short(exc))
             log.info("pricing pipeline stopped: %s", self.metrics.as_dict())
 
     async def _consume(self) -> None:
@@ -196,7 +270,7 @@ class PricingPipeline:
                 elif self._inflight is not None and self._inflight.done():
                     await self._settle()  # surface a failed write now, not at the next batch
                 await self._refresh_catalog()
-                await self._tend_scratch()
+                await self._refresh_lag()
         finally:
             stopping.cancel()
 
@@ -210,79 +284,69 @@ class PricingPipeline:
             for records in fetched.values():
                 self._buffer.extend(records)
             await self.flush()
-            if not fetched and await self._lag() == 0:
+            if not fetched and await self._refresh_lag(force=True) == 0:
                 return
         log.warning(
-            "stopped draining after %.0f s with %d records left", limit_s, await self._lag()
+            "stopped draining after %.0f s with %d records left",
+            limit_s,
+            await self._refresh_lag(force=True),
         )
 
     async def _refresh_catalog(self, *, force: bool = False) -> None:
+        """Load new prices now and then; a failed load keeps the prices in hand."""
         now = time.monotonic()
-        if force or now - self._catalog_loaded_at >= self.settings.pipeline.catalog_refresh_s:
-            self.catalog = await asyncio.to_thread(self.price_book.load)
-            self._catalog_loaded_at = now
-
-    async def _tend_scratch(self, *, force: bool = False) -> None:
-        """Now and then: say this instance's scratch tables are in use, drop those left behind."""
-        now = time.monotonic()
-        if not force and now - self._scratch_tended_at < SCRATCH_TEND_EVERY_S:
+        if not force and now - self._catalog_loaded_at < self.settings.pipeline.catalog_refresh_s:
             return
-        self._scratch_tended_at = now
-
-        def tend() -> list[str]:
-            for lane in self.lanes:
-                lane.keep_alive()
-            return drop_stale_scratch(self.warehouse)
-
+        self._catalog_loaded_at = now
         try:
-            dropped = await asyncio.to_thread(tend)
+            self.catalog = await asyncio.to_thread(self.price_book.load)
         except WarehouseError as exc:
-            log.warning("could not tend the scratch tables (will try again): %s", exc)
-            return
-        if dropped:
-            log.info("dropped %d scratch tables left by stopped instances", len(dropped))
+            log.warning("could not load the catalog (keeping the prices loaded before): %s", exc)
+
+    async def _refresh_lag(self, *, force: bool = False) -> int:
+        """Records on the assigned partitions not yet committed.
+
+        The group's committed offsets against the partitions' ends, so it is
+        right while flushes fail. An end is the larger of what ListOffsets and
+        the last fetch say: the embedded broker (Tansu) answers ListOffsets
+        with the last record batch's first offset + 1, and a fetch's high
+        watermark is right there but unknown before the first fetch.
+        """
+        now = time.monotonic()
+        if (not force and now - self._lag_at < LAG_EVERY_S) or self._consumer is None:
+            return self.metrics.lag
+        self._lag_at = now
+        assigned = sorted(self._consumer.assignment(), key=lambda tp: tp.partition)
+        lag: dict[int, int] = {}
+        try:
+            ends = await self._consumer.end_offsets(assigned) if assigned else {}
+            starts = await self._consumer.beginning_offsets(assigned) if assigned else {}
+            for tp in assigned:
+                committed = await self._consumer.committed(tp)
+                done = starts[tp] if committed is None else committed
+                end = max(ends[tp], self._consumer.highwater(tp) or 0)
+                lag[tp.partition] = max(0, end - done)
+        except (KafkaError, AssertionError) as exc:
+            log.debug("lag unknown for now: %s", exc)
+            return self.metrics.lag
+        self.metrics.lag_by_partition = lag
+        return self.metrics.lag
 
     # -- the flush ---------------------------------------------------------
 
     async def flush(self, *, wait: bool = True) -> None:
         """Hand the buffered records to the writer; with ``wait``, until committed.
 
-        Preparing a batch (CPU) and parsing it into the warehouse overlap the
-        previous batch's write, since chDB and the network release the GIL.
-        Batches are written and committed in order, one write in flight at a
-        time, so a batch's dedupe check always sees the rows of the batch
-        before it.
+        Batches are written and committed in order, one at a time, so a
+        batch's dedupe check always sees the events of the batch before it.
         """
         async with self._flush_lock:
+            await self._settle()
             records, self._buffer = self._buffer, []
-            staged = None
             if records:
-                encoded = self._prepare(records)
-                lane = self.lanes[self._next_lane]
-                self._next_lane = 1 - self._next_lane
-                staged = asyncio.create_task(self._stage(lane, encoded))
-            try:
-                await self._settle()
-            except BaseException:
-                if staged is not None:
-                    staged.cancel()  # the batch is not committed: it will be replayed
-                raise
-            if staged is not None:
-                self._inflight = asyncio.create_task(self._complete(records, encoded, lane, staged))
+                self._inflight = asyncio.create_task(self._complete(records))
             if wait:
                 await self._settle()
-
-    @staticmethod
-    async def _stage(lane: WarehouseLane, encoded: EncodedBatch) -> set[tuple[int, int]] | None:
-        """Parse the batch into ``lane`` ahead of its write; None if that failed.
-
-        Only a head start: the write stages the batch again if this did not
-        work, and decides then what to do without the engine.
-        """
-        try:
-            return await asyncio.to_thread(lane.stage, encoded)
-        except WarehouseError:
-            return None
 
     async def _settle(self) -> None:
         """Wait for the write in flight, if any; its failure is raised here."""
@@ -290,195 +354,51 @@ class PricingPipeline:
             task, self._inflight = self._inflight, None
             await task
 
-    async def _complete(
-        self,
-        records: Sequence[ConsumerRecord[bytes, bytes]],
-        encoded: EncodedBatch,
-        lane: WarehouseLane,
-        staged: asyncio.Task[set[tuple[int, int]] | None],
-    ) -> None:
-        """Insert, dead-letter, commit: the batch's I/O, in that order."""
+    async def _complete(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+        """Store, dead-letter, commit: the batch's I/O, in that order."""
         started = time.monotonic()
-        written = await self._write_until_stored(records, encoded, lane, await staged)
-        await self._dead_letter(written.dead)
+        flushed = await self._flush_until_stored(records)
+        await self._dead_letter(flushed.dead)
         await self._commit(records)
         elapsed = time.monotonic() - started
-        m = self.metrics
-        m.consumed += len(records)
-        m.duplicates += len(records) - len(written.dead) - written.events
-        m.dead_lettered += len(written.dead)
-        m.priced += written.events - written.unpriced
-        m.unpriced += written.unpriced
-        m.flushes += 1
-        m.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
-        m.lag = await self._lag()
-        log.debug("wrote %d records in %.3f s: %s", len(records), elapsed, m.as_dict())
+        self.metrics.count(len(records), flushed)
+        self.metrics.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
+        log.debug("wrote %d records in %.3f s: %s", len(records), elapsed, self.metrics.as_dict())
 
-    def _prepare(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> EncodedBatch:
-        """The batch as the warehouse reads it (~3 µs a record, on the consumer's thread)."""
-        return encode_records(records)
+    async def _flush_until_stored(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> Flushed:
+        """Retry a failed flush with back-off: a warehouse outage pauses the pipeline.
 
-    def _prepare_rows(
-        self, records: Sequence[ConsumerRecord[bytes, bytes]]
-    ) -> tuple[list[tuple[object, ...]], list[DeadLetter]]:
-        """The Python lane: decode, validate, dedupe within the batch and price, per record.
-
-        ~15 µs a record; used for the records the warehouse's quick check
-        leaves to it, and for a batch the engine cannot parse.
-        """
-        rules = self.settings.events
-        price_for = self.catalog.price_for
-        rows: list[tuple[object, ...]] = []
-        dead: list[DeadLetter] = []
-        seen: set[tuple[str, str]] = set()
-        received: dict[int, datetime] = {}  # records of a batch share milliseconds
-        for record in records:
-            received_at = received.get(record.timestamp)
-            if received_at is None:
-                received_at = datetime.fromtimestamp(record.timestamp / 1000, tz=UTC)
-                received[record.timestamp] = received_at
-            try:
-                event = validate(decode(record.value), now=received_at, rules=rules)
-            except InvalidEvent as exc:
-                dead.append(DeadLetter(record, str(exc)))
-                continue
-            key = (event.account_id, event.event_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            price = price_for(event.model, event.provider, event.occurred_at)
-            usage = event.usage
-            if price is None:
-                priced, price_id, tier, picos = 0, "", "", 0
-            else:
-                cost = price.cost(usage)
-                priced, price_id, tier, picos = 1, cost.price_id, cost.tier, cost.picos
-            rows.append(
-                (
-                    event.account_id,
-                    event.event_id,
-                    event.occurred_at,
-                    received_at,
-                    event.api_key_id,
-                    event.model,
-                    event.provider,
-                    event.status,
-                    usage.input_tokens,
-                    usage.cached_input_tokens,
-                    usage.cache_write_5m_tokens,
-                    usage.cache_write_1h_tokens,
-                    usage.output_tokens,
-                    usage.reasoning_tokens,
-                    event.latency_ms,
-                    event.ttft_ms,
-                    priced,
-                    price_id,
-                    tier,
-                    picos_to_usd(picos),
-                    1,
-                    record.partition,
-                    record.offset,
-                    event.provider_usage_json,
-                )
-            )
-        return rows, dead
-
-    async def _write_until_stored(
-        self,
-        records: Sequence[ConsumerRecord[bytes, bytes]],
-        encoded: EncodedBatch,
-        lane: WarehouseLane,
-        rechecks: set[tuple[int, int]] | None,
-    ) -> Written:
-        """Retry a failed write with back-off: a warehouse outage pauses the pipeline.
-
-        Retrying is safe, since the dedupe check runs again each time. Once the
-        pipeline is stopping, the error is raised instead: the batch is not
-        committed and will be replayed.
+        Retrying is safe: the store is idempotent by event. Once stopping, the
+        retries end with the drain's time; the error is raised then and the
+        batch, not committed, is replayed by whoever runs next.
         """
         delay = 0.5
         while True:
             try:
-                return await asyncio.to_thread(self._write, records, encoded, lane, rechecks)
-            except WarehouseError as exc:
-                if self._stop.is_set():
+                return await asyncio.to_thread(self.sink.flush, records, self.catalog)
+            except Exception as exc:
+                if self._retry_until is not None and time.monotonic() >= self._retry_until:
                     raise
                 self.metrics.write_retries += 1
-                log.warning("warehouse write failed, retrying in %.1f s: %s", delay, exc)
+                log.warning(
+                    "flush of %d records failed, retrying in %.1f s: %s",
+                    len(records),
+                    delay,
+                    _short(exc),
+                    exc_info=not isinstance(exc, WarehouseError),
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    await asyncio.sleep(min(delay, 1.0))  # stopping: keep trying, but briskly
                 delay = min(delay * 2, 30.0)
-                rechecks = None  # the outage may have emptied the scratch tables
-
-    def _write(
-        self,
-        records: Sequence[ConsumerRecord[bytes, bytes]],
-        encoded: EncodedBatch,
-        lane: WarehouseLane,
-        rechecks: set[tuple[int, int]] | None = None,
-    ) -> Written:
-        """Check, dedupe, price and insert the batch in the warehouse (blocking).
-
-        ``rechecks`` from staging the batch into ``lane`` beforehand, or None
-        to stage it here. Records the engine's quick check did not pass are
-        checked again in Python, which dead-letters them with their reason or
-        prices them; a batch the engine cannot read at all goes through
-        Python whole.
-        """
-        try:
-            if rechecks is None:
-                rechecks = lane.stage(encoded)
-        except WarehouseError as exc:
-            log.warning("the warehouse did not take the batch (%s); pricing it in Python", exc)
-            rows, dead = self._prepare_rows(records)
-            written, unpriced = self._write_rows(rows)
-            return Written(written, unpriced, dead)
-        again = list(encoded.for_python)
-        if rechecks:
-            again += [r for r in encoded.records if (r.partition, r.offset) in rechecks]
-        rows, dead = self._prepare_rows(again)
-        written, unpriced = lane.write(self.catalog, rows)
-        return Written(written, unpriced, dead)
-
-    def _write_rows(self, rows: list[tuple[object, ...]]) -> tuple[int, int]:
-        """Skip events the warehouse already holds, insert the rest; (written, unpriced)."""
-        if not rows:
-            return 0, 0
-        keys = sorted({(r[0], r[1]) for r in rows})
-        pairs = (
-            "SELECT pair.1 AS account_id, pair.2 AS event_id FROM (SELECT arrayJoin("
-            "arrayZip({accounts:Array(String)}, {ids:Array(String)})) AS pair)"
-        )
-        stored = {
-            (row["account_id"], row["event_id"])
-            for row in self.warehouse.query(
-                stored_keys_sql(pairs),
-                {"accounts": [k[0] for k in keys], "ids": [k[1] for k in keys]},
-            )
-        }
-        fresh = [r for r in rows if (r[0], r[1]) not in stored]
-        self.warehouse.insert("usage_events", USAGE_EVENT_COLUMNS, fresh)  # type: ignore[arg-type]
-        return len(fresh), sum(1 for r in fresh if not r[_PRICED])
 
     async def _dead_letter(self, dead: Sequence[DeadLetter]) -> None:
         if not dead:
             return
         assert self._producer is not None
         topic = self.settings.kafka.dead_letter_topic
-        sends = [
-            await self._producer.send(
-                topic,
-                key=d.record.key,
-                value=d.record.value,
-                headers=[
-                    ("reason", d.reason.encode()),
-                    ("source.topic", d.record.topic.encode()),
-                    ("source.partition", str(d.record.partition).encode()),
-                    ("source.offset", str(d.record.offset).encode()),
-                ],
-            )
-            for d in dead
-        ]
+        sends = [await self._producer.send(topic, **_dead_letter_record(d)) for d in dead]
         await asyncio.gather(*sends)
         for d in dead[:5]:
             log.warning(
@@ -498,29 +418,43 @@ class PricingPipeline:
         try:
             await self._consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
-            # The rows are written; whoever owns these partitions now replays the
-            # records and the warehouse's event keys turn them into duplicates.
+            # The events are stored; whoever owns these partitions now replays
+            # the records, and the store takes them as the events they are.
             self.metrics.commit_failures += 1
             log.warning("offset commit failed, records will be replayed and deduped: %s", exc)
 
-    async def _lag(self) -> int:
-        """Records on the assigned partitions not yet consumed."""
-        assert self._consumer is not None
-        lag = 0
-        with contextlib.suppress(KafkaError, AssertionError):
-            for tp in self._consumer.assignment():
-                high = self._consumer.highwater(tp)
-                if high is not None:
-                    lag += max(0, high - await self._consumer.position(tp))
-        return lag
+
+def _short(exc: BaseException) -> str:
+    """An error for a log line: the engine's messages can quote a whole batch."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 500 else text[:500] + " …"
 
 
-_PRICED = USAGE_EVENT_COLUMNS.index("priced")
-#: Longest a step of stopping (last flush, closing a Kafka client) may take
-STOP_STEP_S = 30.0
-#: How often an instance says its scratch tables are in use (well inside
-#: ``SCRATCH_STALE_AFTER_S``, after which others drop them)
-SCRATCH_TEND_EVERY_S = 60.0
+def _dead_letter_record(dead: DeadLetter) -> dict[str, object]:
+    """The dead letter as it is produced: the record, its reason and where it came from.
+
+    A value or key too large for the broker is cut, and headers say so and
+    give the whole one's size and SHA-256, so nothing stops the line.
+    """
+    record = dead.record
+    value, key = record.value or b"", record.key
+    headers = [
+        ("reason", dead.reason.encode()[:4096]),
+        ("source.topic", record.topic.encode()),
+        ("source.partition", str(record.partition).encode()),
+        ("source.offset", str(record.offset).encode()),
+    ]
+    if len(value) > DEAD_LETTER_MAX_BYTES:
+        headers += [
+            ("truncated", b"true"),
+            ("original.size", str(len(value)).encode()),
+            ("original.sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        value = value[:DEAD_LETTER_MAX_BYTES]
+    if key is not None and len(key) > 4096:
+        headers.append(("key.truncated", str(len(key)).encode()))
+        key = key[:4096]
+    return {"key": key, "value": value, "headers": headers}
 
 
 class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]

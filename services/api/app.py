@@ -1,164 +1,281 @@
-"""The HTTP API (Litestar): usage and cost, the catalog, health, metrics.
+"""The HTTP API (Litestar): the slices' controllers, composed, plus health and metrics.
 
-Handlers are thin: they parse the request, call the domain code in a worker
-thread (warehouse calls block) and shape the answer. Money is always a
-decimal string. Errors are JSON ``{"status_code", "detail"}``.
+Each slice keeps its routes beside it (:mod:`meterline.usage.controller`,
+:mod:`meterline.catalog.controller`); this module wires them to one
+warehouse: dependencies by name, one exception-handler table, request
+metrics, ``/healthz``, ``/readyz`` and ``/metrics``.
+
+Every error is JSON ``{"status_code", "detail", "extra"?}``. A request that
+does not fit its schema is a 400 whose ``detail`` names each field
+(``rates.input: ...; tiers[0].above_input_tokens: ...``) and whose
+``extra`` lists them as ``{"key", "message", "source"}``; a value the
+domain refuses (``ValueError``) is a 400 with the domain's message; a
+warehouse that does not answer is a 503; anything else is a 500, logged
+with its traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import re
+import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from typing import Annotated, Any, cast
+from enum import Enum
+from typing import Any, cast
 
-from litestar import Litestar, MediaType, Request, Response, get, post
-from litestar.datastructures import State
+import msgspec
+import pydantic
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.di import NamedDependency, Provide
+from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.middleware import ASGIMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
-from litestar.status_codes import HTTP_201_CREATED, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.params import ParameterKwarg, SkipValidation
+from litestar.status_codes import (
+    HTTP_400_BAD_REQUEST,
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
+)
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest as prometheus_text
+from pydantic import BaseModel
 
-from meterline.catalog import PriceBook, model_key, parse_price
-from meterline.catalog.pricing import PriceVersion
+from meterline.catalog import PriceBook
+from meterline.catalog.controller import CatalogController
+from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse.base import Warehouse, WarehouseError
-from meterline.money import MoneyError
-from meterline.usage.report import DIMENSIONS, Dimension, month_start, usage_report
+from meterline.usage.controller import UsageController, UsageQuery
+from meterline.usage.report import usage_report
 
-#: Returns pipeline counters for /metrics, when a pipeline runs in this process.
-MetricsSource = Callable[[], Mapping[str, float]]
+__all__ = ["WarehouseUnavailable", "create_app"]
 
+log = logging.getLogger(__name__)
 
-def _utc(value: datetime | None, default: datetime) -> datetime:
-    if value is None:
-        return default
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+#: Field problems listed in one error; a body with thousands of mistakes gets the first ones.
+_MAX_PROBLEMS = 20
 
 
-@get("/v1/accounts/{account_id:str}/usage", summary="Usage and cost of an account")
-async def account_usage(
-    state: State,
-    account_id: FromPath[str],
-    start: Annotated[
-        datetime | None,
-        QueryParameter(
-            name="from", description="Start, inclusive (ISO 8601). Default: month start."
-        ),
-    ] = None,
-    end: Annotated[
-        datetime | None,
-        QueryParameter(name="to", description="End, exclusive (ISO 8601). Default: now."),
-    ] = None,
-    group_by: Annotated[
-        list[str] | None,
-        QueryParameter(description="Any of model, provider, day; repeat or comma-separate."),
-    ] = None,
-) -> dict[str, object]:
-    """Requests, token counts and ``cost_usd`` for the range, in total and per group."""
-    now = datetime.now(UTC)
-    dims = [d.strip() for value in group_by or () for d in value.split(",") if d.strip()]
-    unknown = [d for d in dims if d not in DIMENSIONS]
-    if unknown:
-        raise ValueError(
-            f"cannot group by {', '.join(unknown)}; choose from {', '.join(DIMENSIONS)}"
-        )
-    report = await asyncio.to_thread(
-        usage_report,
-        state.warehouse,
-        account_id,
-        _utc(start, month_start(now)),
-        _utc(end, now),
-        cast(list[Dimension], dims),
-    )
-    return report.to_json()
+class WarehouseUnavailable(WarehouseError):
+    """The warehouse does not answer at all, as opposed to refusing one statement."""
 
 
-def _version_json(version: PriceVersion) -> dict[str, object]:
-    return {
-        "price_id": version.price_id,
-        "model": version.model,
-        "provider": version.provider,
-        "effective_from": version.effective_from.isoformat(),
-        "source": version.source,
-        **version.spec_json(),
-    }
+class _OutageAware:
+    """The warehouse, telling an outage from a refused statement.
 
-
-@get("/v1/catalog/prices", summary="Prices in force")
-async def current_prices(
-    state: State,
-    at: Annotated[datetime | None, QueryParameter(description="Instant (default now).")] = None,
-    model: FromQuery[str | None] = None,
-    provider: FromQuery[str | None] = None,
-) -> list[dict[str, object]]:
-    """One price per (model, provider): the version in force at ``at``."""
-    catalog = await asyncio.to_thread(PriceBook(state.warehouse).load)
-    versions = catalog.current(_utc(at, datetime.now(UTC)))
-    return [_version_json(v) for v in _matching(versions, model, provider)]
-
-
-@get("/v1/catalog/versions", summary="Every price version")
-async def price_versions(
-    state: State, model: FromQuery[str | None] = None, provider: FromQuery[str | None] = None
-) -> list[dict[str, object]]:
-    """All versions, oldest first per (model, provider): the catalog's history."""
-    catalog = await asyncio.to_thread(PriceBook(state.warehouse).load)
-    return [_version_json(v) for v in _matching(catalog.versions, model, provider)]
-
-
-def _matching(
-    versions: list[PriceVersion], model: str | None, provider: str | None
-) -> list[PriceVersion]:
-    return [
-        v
-        for v in versions
-        if (model is None or model_key(v.model) == model_key(model))
-        and (provider is None or v.provider == provider.lower())
-    ]
-
-
-@post("/v1/catalog/prices", summary="Add a price version", status_code=HTTP_201_CREATED)
-async def add_price(state: State, data: JSONBody[dict[str, Any]]) -> dict[str, object]:
-    """Add a version; it prices events from its ``effective_from`` on.
-
-    Rates are decimal strings in dollars per million tokens, e.g.
-    ``{"model": "gpt-4.1-mini", "provider": "openai", "effective_from":
-    "2026-12-01T00:00:00Z", "rates": {"input": "0.40", "output": "1.60",
-    "cache_read": "0.10"}}``. Events already priced keep their price.
+    After a failure it asks ``SELECT 1``: if that fails too the warehouse is
+    down (:class:`WarehouseUnavailable`, a 503 worth retrying); if not, the
+    statement itself was refused, which is a bug to fix (a 500, logged). Every
+    method of the :class:`Warehouse` is passed through this way, whatever the
+    protocol grows.
     """
-    try:
-        version = parse_price(data, source=str(data.get("source") or "api"))
-    except (ValueError, MoneyError, TypeError) as exc:
-        raise ValueError(f"invalid price: {exc}") from exc
-    added = await asyncio.to_thread(PriceBook(state.warehouse).add, [version])
-    return {**_version_json(version), "created": bool(added)}
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        self._warehouse = warehouse
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._warehouse, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def classified(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except WarehouseUnavailable:
+                raise
+            except WarehouseError as refused:
+                try:
+                    self._warehouse.query("SELECT 1 AS ok")
+                except WarehouseError as down:
+                    raise WarehouseUnavailable(str(down)) from refused
+                raise
+
+        return classified
 
 
-@get("/healthz", summary="Liveness", include_in_schema=True)
+class _ApiRequest(Request[Any, Any, Any]):
+    """A request whose JSON body, when it cannot be read, is the client's error (400)."""
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:  # e.g. 10,000 nested arrays: refused before any schema sees it
+            raise _body_error("JSON nested too deeply") from None
+        except SerializationException as exc:
+            raise _body_error(f"not valid JSON ({exc})") from None
+
+
+def _body_error(message: str) -> ValidationException:
+    return ValidationException(
+        f"body: {message}", extra=[{"key": "body", "message": message, "source": "body"}]
+    )
+
+
+class FieldProblem(BaseModel):
+    """One field of a request that does not fit its schema."""
+
+    key: str
+    message: str
+    source: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer; ``extra`` lists field problems of a 400."""
+
+    status_code: int
+    detail: str
+    extra: list[FieldProblem] | None = None
+
+
+def _error(
+    status: int,
+    detail: str,
+    problems: list[FieldProblem] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response[dict[str, Any]]:
+    body = ErrorBody(status_code=status, detail=detail, extra=problems or None)
+    return Response(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def _public_key(request: Request[Any, Any, Any], item: Mapping[str, Any]) -> FieldProblem:
+    """A field as the client wrote it: ``from`` (not the handler's ``start``), ``tiers[0]``."""
+    key = str(item.get("key") or "body")
+    message = str(item.get("message", ""))
+    source = item.get("source")
+    parameters = request.route_handler.parsed_fn_signature.parameters
+    root, _, rest = key.partition(".")
+    kwarg = parameters[root].kwarg_definition if root in parameters else None
+    if root == "data":  # Litestar's name for the body; it says "'data'" when there is none
+        key, source = rest or "body", "body"
+        message = "Field required" if message == "'data'" else message
+    elif isinstance(kwarg, ParameterKwarg):  # a query, path, header or cookie parameter
+        root = kwarg.name or kwarg.query or kwarg.header or kwarg.cookie or root
+        key = f"{root}.{rest}" if rest else root
+        source = kwarg.param_type.value
+    elif not source:  # else the body's fields, named relative to the body
+        source = "body"
+    key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
+    source = source.value if isinstance(source, Enum) else str(source)
+    return FieldProblem(key=key, message=message, source=source)
+
+
+def _invalid(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    items = exc.extra if isinstance(exc.extra, list) else []
+    problems = [_public_key(request, i) for i in items[:_MAX_PROBLEMS] if isinstance(i, Mapping)]
+    detail = exc.detail
+    # Litestar's own detail names the route, not the fields; the raiser's own is kept
+    if problems and detail.startswith("Validation failed for "):
+        detail = "; ".join(f"{p.key}: {p.message}" for p in problems)
+        if len(items) > len(problems):
+            detail += f"; and {len(items) - len(problems)} more"
+    return _error(HTTP_400_BAD_REQUEST, detail, problems)
+
+
+def _refused(_: Request[Any, Any, Any], exc: ValueError) -> Response[Any]:
+    """The domain refused a value (a price, a range): the client can fix it."""
+    return _error(HTTP_400_BAD_REQUEST, str(exc))
+
+
+def _unavailable(request: Request[Any, Any, Any], exc: WarehouseUnavailable) -> Response[Any]:
+    log.warning("%s %s: warehouse unavailable: %s", request.method, request.url.path, exc)
+    return _error(HTTP_503_SERVICE_UNAVAILABLE, "warehouse unavailable")
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """Litestar's own answers (404, 405, ...) in the same shape as ours."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    problems = [FieldProblem.model_validate(i) for i in extra if isinstance(i, Mapping)]
+    return _error(exc.status_code, exc.detail, problems, headers=exc.headers)
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(HTTP_500_INTERNAL_SERVER_ERROR, "Internal Server Error")
+
+
+#: By type, most specific first in each exception's MRO; 500 is for everything else.
+EXCEPTION_HANDLERS: Mapping[int | type[Exception], Callable[..., Response[Any]]] = {
+    ValidationException: _invalid,
+    HTTPException: _http_error,  # before ValueError: NotFoundException is one too
+    WarehouseUnavailable: _unavailable,
+    # a schema failing inside our own code is a bug, not the client's mistake
+    pydantic.ValidationError: _internal_error,
+    msgspec.ValidationError: _internal_error,
+    ValueError: _refused,  # MoneyError included
+    HTTP_500_INTERNAL_SERVER_ERROR: _internal_error,
+}
+
+
+class _RequestMetrics(ASGIMiddleware):
+    """Counts requests by route template, method and status, and times them by route."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "meterline_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "meterline_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route"],
+            registry=registry,
+        )
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        status = HTTP_500_INTERNAL_SERVER_ERROR  # unless the answer says otherwise
+        started = time.perf_counter()
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            self.duration.labels(route).observe(time.perf_counter() - started)
+            method = cast(HTTPScope, scope)["method"]
+            self.requests.labels(route, method, str(status)).inc()
+
+
+@get("/healthz", summary="Liveness", tags=["operations"])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: the warehouse answers")
-async def readyz(state: State) -> Response[dict[str, str]]:
+@get("/readyz", summary="Readiness: the warehouse answers", tags=["operations"])
+async def readyz(warehouse: NamedDependency[SkipValidation[Warehouse]]) -> Response[dict[str, str]]:
     try:
-        await asyncio.to_thread(state.warehouse.query, "SELECT 1 AS ok")
+        await asyncio.to_thread(warehouse.query, "SELECT 1 AS ok")
     except WarehouseError as exc:
         return Response(
             {"status": "unavailable", "detail": str(exc)}, status_code=HTTP_503_SERVICE_UNAVAILABLE
         )
-    return Response({"status": "ready", "warehouse": state.warehouse.name})
+    return Response({"status": "ready", "warehouse": warehouse.name})
 
 
-@get("/metrics", media_type=MediaType.TEXT, summary="Prometheus metrics")
-async def prometheus_metrics(state: State) -> str:
-    source: MetricsSource | None = state.get("metrics")
-    lines = []
-    for name, value in (source() if source else {}).items():
-        lines.append(f"meterline_pipeline_{name} {value}")
-    return "\n".join(lines) + "\n"
+#: Prometheus' text format without its charset: Litestar appends one to every text/* type.
+_PROMETHEUS_TEXT = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 
 
-@get("/", summary="Index")
+@get("/metrics", summary="Prometheus metrics", tags=["operations"], media_type=MediaType.TEXT)
+async def prometheus_metrics(
+    registry: NamedDependency[SkipValidation[CollectorRegistry]],
+) -> Response[bytes]:
+    return Response(prometheus_text(registry), media_type=_PROMETHEUS_TEXT)
+
+
+@get("/", summary="Index", tags=["operations"])
 async def index() -> dict[str, str]:
     return {
         "service": "meterline",
@@ -168,35 +285,43 @@ async def index() -> dict[str, str]:
     }
 
 
-def _warehouse_unavailable(_: Request[Any, Any, Any], exc: WarehouseError) -> Response[Any]:
-    return Response(
-        {"status_code": 503, "detail": f"warehouse unavailable: {exc}"},
-        status_code=HTTP_503_SERVICE_UNAVAILABLE,
-    )
+def _constant(value: object) -> Provide:
+    """A dependency that is the same object for every request."""
+    return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
 
-def _bad_request(_: Request[Any, Any, Any], exc: ValueError) -> Response[Any]:
-    return Response({"status_code": 400, "detail": str(exc)}, status_code=400)
+def create_app(
+    warehouse: Warehouse,
+    *,
+    registry: CollectorRegistry | None = None,
+    settings: HttpSettings | None = None,
+) -> Litestar:
+    """The API over one warehouse.
 
-
-def create_app(warehouse: Warehouse, *, metrics: MetricsSource | None = None) -> Litestar:
-    """The API over one warehouse; ``metrics`` exposes an in-process pipeline's counters."""
+    Args:
+        warehouse: Where usage and prices are read and written.
+        registry: Where the API counts its requests, served at ``/metrics`` with
+            whatever else the process registered there. Default: a new one.
+        settings: The process's HTTP settings; default: the defaults.
+    """
+    metrics_public = True if settings is None else settings.metrics_public
+    registry = registry if registry is not None else CollectorRegistry()
+    store = cast(Warehouse, _OutageAware(warehouse))
+    usage_query: UsageQuery = functools.partial(usage_report, store)
+    handlers: list[Any] = [UsageController, CatalogController, healthz, readyz, index]
+    if metrics_public:
+        handlers.append(prometheus_metrics)
     return Litestar(
-        route_handlers=[
-            account_usage,
-            current_prices,
-            price_versions,
-            add_price,
-            healthz,
-            readyz,
-            prometheus_metrics,
-            index,
-        ],
-        state=State({"warehouse": warehouse, "metrics": metrics}),
-        exception_handlers={
-            WarehouseError: _warehouse_unavailable,
-            ValueError: _bad_request,
+        route_handlers=handlers,
+        dependencies={
+            "warehouse": _constant(store),
+            "price_book": _constant(PriceBook(store)),
+            "usage_query": _constant(usage_query),
+            "registry": _constant(registry),
         },
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        middleware=[_RequestMetrics(registry)],
+        request_class=_ApiRequest,
         openapi_config=OpenAPIConfig(title="meterline", version="1.0.0"),
         logging_config=None,  # the process configures logging once (services.cli)
     )

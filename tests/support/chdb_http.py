@@ -22,7 +22,7 @@ from email import policy
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlparse
 
 _INSERT = re.compile(
@@ -41,11 +41,13 @@ def _decompress(body: bytes, encoding: str | None) -> bytes:
     if encoding == "lz4":
         import lz4.frame
 
-        return lz4.frame.decompress(body)
+        lz4_data: bytes = lz4.frame.decompress(body)
+        return lz4_data
     if encoding == "zstd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+        zstd_data: bytes = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+        return zstd_data
     raise ValueError(f"unsupported Content-Encoding {encoding}")
 
 
@@ -53,10 +55,12 @@ def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
     message = BytesParser(policy=policy.HTTP).parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body
     )
-    return {
-        part.get_param("name", header="content-disposition"): part.get_payload(decode=True).decode()
-        for part in message.iter_parts()
-    }
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        # clickhouse-connect's form fields: a plain name each, their values as bytes
+        name = cast(str, part.get_param("name", header="content-disposition"))
+        fields[name] = cast(bytes, part.get_payload(decode=True)).decode()
+    return fields
 
 
 class ChdbHttpServer:

@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 #: Values a caller may pass in a row or as a query parameter.
 Value = str | int | Decimal | datetime | None
+#: A query parameter: a value, or a list of them for an ``Array(...)`` parameter.
+Param = Value | Sequence[Value]
 
 
 class WarehouseError(RuntimeError):
@@ -33,20 +35,16 @@ class Warehouse(Protocol):
 
     name: str
 
-    def command(self, sql: str, params: Mapping[str, Value] | None = None) -> None:
+    def command(self, sql: str, params: Mapping[str, Param] | None = None) -> None:
         """Run a statement that returns nothing (DDL, INSERT ... SELECT)."""
         ...
 
-    def query(self, sql: str, params: Mapping[str, Value] | None = None) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: Mapping[str, Param] | None = None) -> list[dict[str, Any]]:
         """Run a SELECT and return its rows."""
         ...
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Value]]) -> None:
         """Insert rows (tuples in ``columns`` order) in one write."""
-        ...
-
-    def insert_protobuf(self, table: str, data: bytes, schema: str, message: str) -> None:
-        """Insert length-delimited protobuf ``message``s, read with ``schema`` (.proto text)."""
         ...
 
     def close(self) -> None: ...

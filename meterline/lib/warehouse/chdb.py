@@ -11,7 +11,6 @@ inside ``meterline up``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import queue
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,18 +19,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meterline.lib.warehouse.base import Value, WarehouseError
+from meterline.lib.warehouse.base import Param, Value, WarehouseError
 
 #: ClickHouse reads a parameter's text in its escaped (TSV) form
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"})
 
 
-def sql_param(value: Value | Sequence[Value]) -> str | int | None:
+def sql_param(value: Param) -> str | int | None:
     """A parameter as text ClickHouse parses for any ``{name:Type}``."""
     if isinstance(value, list | tuple):
         return "[" + ",".join(_literal(v) for v in value) + "]"
     if isinstance(value, str):
         return value.translate(_ESCAPES)
+    assert not isinstance(value, Sequence)  # lists are handled above
     return plain_param(value)
 
 
@@ -50,14 +50,6 @@ def _literal(value: Value) -> str:
         return str(value)
     text = str(plain_param(value))
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def settings_clause(settings: Mapping[str, str] | None) -> str:
-    """`` SETTINGS name = 'value', ...`` for a statement, or nothing."""
-    if not settings:
-        return ""
-    quoted = (f"{k} = {_literal(v)}" for k, v in settings.items())
-    return " SETTINGS " + ", ".join(quoted)
 
 
 def format_datetime(value: datetime) -> str:
@@ -89,7 +81,8 @@ class ChdbWarehouse:
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         try:
             for _ in range(sessions):
-                self._sessions.append(session.Session(str(self.path)))
+                opened = session.Session(str(self.path))  # type: ignore[no-untyped-call]
+                self._sessions.append(opened)
         except Exception as exc:  # chDB raises plain RuntimeError for a locked directory
             self.close()
             raise WarehouseError(
@@ -111,15 +104,15 @@ class ChdbWarehouse:
         finally:
             self._idle.put(taken)
 
-    def _run(self, sql: str, fmt: str, params: Mapping[str, Value] | None) -> Any:
+    def _run(self, sql: str, fmt: str, params: Mapping[str, Param] | None) -> Any:
         bound = {k: sql_param(v) for k, v in (params or {}).items()}
         with self._session() as session:
             return session.query(sql, fmt, params=bound or None)
 
-    def command(self, sql: str, params: Mapping[str, Value] | None = None) -> None:
+    def command(self, sql: str, params: Mapping[str, Param] | None = None) -> None:
         self._run(sql, "CSV", params)
 
-    def query(self, sql: str, params: Mapping[str, Value] | None = None) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: Mapping[str, Param] | None = None) -> list[dict[str, Any]]:
         result = self._run(sql, "JSONEachRow", params)
         text = result.bytes()
         return [json.loads(line) for line in text.splitlines() if line]
@@ -151,23 +144,6 @@ class ChdbWarehouse:
             session.send_insert(f"INSERT INTO {table} ({cols})", "ArrowStream") as writer,
         ):
             writer.append(arrow)
-            writer.finish()
-
-    def insert_protobuf(self, table: str, data: bytes, schema: str, message: str) -> None:
-        """Stream protobuf to the engine, read without holding the GIL.
-
-        The schema goes to a file in the data directory: given as a string,
-        chDB would cache it in the working directory.
-        """
-        name = hashlib.sha256(schema.encode()).hexdigest()[:16]
-        path = self.path / "format_schemas" / f"{name}.proto"
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(schema)
-        settings = {"format_schema": f"{path}:{message}"}
-        insert = f"INSERT INTO {table}{settings_clause(settings)}"
-        with self._session() as session, session.send_insert(insert, "Protobuf") as writer:
-            writer.append(data)
             writer.finish()
 
     @staticmethod

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from meterline.lib.warehouse.base import Value, WarehouseError
+from meterline.lib.warehouse.base import Param, Value, WarehouseError
 from meterline.lib.warehouse.chdb import plain_param
 
 
@@ -26,6 +26,13 @@ def _utc(value: Value) -> Value:
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _param(value: Param) -> Any:
+    if isinstance(value, list | tuple):
+        return [plain_param(x) for x in value]
+    assert not isinstance(value, Sequence) or isinstance(value, str)
+    return plain_param(value)
 
 
 class ClickHouseWarehouse:
@@ -51,20 +58,17 @@ class ClickHouseWarehouse:
             raise WarehouseError(f"cannot reach ClickHouse at {parsed.hostname}: {exc}") from exc
 
     @staticmethod
-    def _params(params: Mapping[str, Value] | None) -> dict[str, Any]:
+    def _params(params: Mapping[str, Param] | None) -> dict[str, Any]:
         """Values in the text chDB gets them in; clickhouse-connect escapes and renders lists."""
-        return {
-            k: [plain_param(x) for x in v] if isinstance(v, list | tuple) else plain_param(v)
-            for k, v in (params or {}).items()
-        }
+        return {k: _param(v) for k, v in (params or {}).items()}
 
-    def command(self, sql: str, params: Mapping[str, Value] | None = None) -> None:
+    def command(self, sql: str, params: Mapping[str, Param] | None = None) -> None:
         try:
             self._client.command(sql, parameters=self._params(params))
         except ClickHouseError as exc:
             raise WarehouseError(str(exc)) from exc
 
-    def query(self, sql: str, params: Mapping[str, Value] | None = None) -> list[dict[str, Any]]:
+    def query(self, sql: str, params: Mapping[str, Param] | None = None) -> list[dict[str, Any]]:
         try:
             return list(self._client.query(sql, parameters=self._params(params)).named_results())
         except ClickHouseError as exc:
@@ -77,18 +81,6 @@ class ClickHouseWarehouse:
             self._client.insert(
                 table, [[_utc(v) for v in row] for row in rows], column_names=list(columns)
             )
-        except ClickHouseError as exc:
-            raise WarehouseError(str(exc)) from exc
-
-    def insert_protobuf(self, table: str, data: bytes, schema: str, message: str) -> None:
-        """The schema travels with the insert (``format_schema_source='string'``)."""
-        settings = {
-            "format_schema_source": "string",
-            "format_schema": schema,
-            "format_schema_message_name": message,
-        }
-        try:
-            self._client.raw_insert(table, insert_block=data, settings=settings, fmt="Protobuf")
         except ClickHouseError as exc:
             raise WarehouseError(str(exc)) from exc
 

@@ -1,15 +1,18 @@
 """Warehouse schema, applied at start-up as numbered, idempotent migrations.
 
-``usage_events`` holds every priced (or unpriced) event with its price
-provenance. ``sign`` is +1 for an event and -1 for the reversal of a row that
-an explicit re-pricing job replaced, so every sum is ``sum(x * sign)`` and
-history is never rewritten in place. Materialized views keep the hourly
-rollup and the dedupe keys (``dedupe_keys``) up to date on every insert.
+Since migration 4, ``usage_events`` is a ReplacingMergeTree keyed by
+(account, occurred_at, event id) and read with ``FINAL``: storing an event
+twice, for any reason, stores it once as far as any query can tell, and a
+re-priced event is the same event written again with a later ``priced_at``.
+``usage_minutely`` is the rollup, recounted from the deduplicated events
+(:mod:`meterline.usage.clickhouse`), and ``dedupe_keys`` (filled by a
+materialized view) lets the pipeline find a batch's stored events quickly.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from meterline.lib.warehouse.base import Warehouse
@@ -34,20 +37,7 @@ TTL toDateTime(occurred_at) + INTERVAL 40 DAY
 DEDUPE_KEY_HASH = "cityHash64(account_id, event_id)"
 
 
-def stored_keys_sql(keys: str) -> str:
-    """The stored dedupe keys that may be among ``keys`` (a query of account_id, event_id).
-
-    The hash picks the granules of ``dedupe_keys`` to read, so a lookup costs
-    the batch's size, not the 40 days'; a hash can collide, so the caller
-    compares the pairs in full.
-    """
-    return (
-        "SELECT account_id, event_id FROM dedupe_keys"
-        f" PREWHERE key_hash IN (SELECT {DEDUPE_KEY_HASH} FROM ({keys}))"
-    )
-
-
-#: Columns of usage_events in insert order.
+#: Columns of usage_events in insert order (migration 4 and later).
 USAGE_EVENT_COLUMNS = (
     "account_id",
     "event_id",
@@ -64,16 +54,92 @@ USAGE_EVENT_COLUMNS = (
     "price_id",
     "price_tier",
     "cost_usd",
-    "sign",
     "kafka_partition",
     "kafka_offset",
     "provider_usage_json",
+    "priced_at",
 )
+
+
+@dataclass(frozen=True)
+class Step:
+    """A statement that runs only when ``only_if`` (a query) returns a row.
+
+    Lets a migration that renames tables be run again after a crash part-way.
+    """
+
+    sql: str
+    only_if: str
+
+
+def _table_exists(name: str) -> str:
+    return f"SELECT 1 FROM system.tables WHERE database = currentDatabase() AND name = '{name}'"
+
+
+#: The signed usage_events of migrations 1 to 3 is still there.
+_SIGNED_EVENTS = (
+    "SELECT 1 FROM system.columns WHERE database = currentDatabase() "
+    "AND table = 'usage_events' AND name = 'sign'"
+)
+_TOKEN_COLUMNS_DDL = ",\n    ".join(f"{c} UInt64" for c in TOKEN_COLUMNS)
+_COPIED_COLUMNS = ", ".join(c for c in USAGE_EVENT_COLUMNS if c != "priced_at")
+
+_USAGE_EVENTS_REPLACING = f"""
+CREATE TABLE IF NOT EXISTS usage_events_replacing (
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC'),
+    received_at DateTime64(3, 'UTC'),
+    api_key_id String,
+    model String,
+    provider LowCardinality(String),
+    status LowCardinality(String),
+    {_TOKEN_COLUMNS_DDL},
+    latency_ms UInt32,
+    ttft_ms UInt32,
+    priced UInt8,
+    price_id String,
+    price_tier LowCardinality(String),
+    cost_usd Decimal(38, 12),
+    kafka_partition Int32,
+    kafka_offset Int64,
+    provider_usage_json String CODEC(ZSTD(3)),
+    priced_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(priced_at)
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (account_id, occurred_at, event_id)
+"""
+
+_USAGE_MINUTELY = f"""
+CREATE TABLE IF NOT EXISTS usage_minutely (
+    account_id String,
+    minute DateTime('UTC'),
+    model String,
+    provider LowCardinality(String),
+    requests UInt64,
+    unpriced_requests UInt64,
+    {_TOKEN_COLUMNS_DDL},
+    cost_usd Decimal(38, 12),
+    latency_ms_sum UInt64,
+    counted_at DateTime64(6, 'UTC')
+) ENGINE = ReplacingMergeTree(counted_at)
+PARTITION BY toYYYYMM(minute)
+ORDER BY (account_id, minute, model, provider)
+"""
+
+_TOKEN_SUMS = ", ".join(f"sum({c})" for c in TOKEN_COLUMNS)
+_BACKFILL_MINUTELY = f"""
+INSERT INTO usage_minutely
+SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
+    count(), countIf(priced = 0), {_TOKEN_SUMS}, sum(cost_usd), sum(latency_ms), now64(6)
+FROM usage_events FINAL
+GROUP BY account_id, minute, model, provider
+"""
 
 _ROLLUP_SUMS = ",\n    ".join(f"sum({c} * sign) AS {c}" for c in TOKEN_COLUMNS)
 _ROLLUP_TYPES = ",\n    ".join(f"{c} Int64" for c in TOKEN_COLUMNS)
 
-MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+MIGRATIONS: tuple[tuple[int, str, tuple[str | Step, ...]], ...] = (
     (
         1,
         "usage events, price versions, hourly rollup, dedupe keys",
@@ -212,7 +278,52 @@ SELECT {DEDUPE_KEY_HASH}, account_id, event_id, occurred_at FROM event_keys
             "DROP TABLE IF EXISTS event_keys",
         ),
     ),
+    (
+        4,
+        "usage events replaced by identity, rollup recounted by minute",
+        (
+            # A second write of an event (a crash inside a write, an instance
+            # frozen past its session and resumed) is one row to FINAL; the
+            # hourly rollup summed on insert would count it twice, so it goes.
+            "DROP VIEW IF EXISTS usage_hourly_mv",
+            "DROP VIEW IF EXISTS dedupe_keys_mv",
+            _USAGE_EVENTS_REPLACING,
+            # a re-priced event's newest row wins; reversal rows are dropped
+            Step(
+                f"INSERT INTO usage_events_replacing ({_COPIED_COLUMNS}, priced_at) "
+                f"SELECT {_COPIED_COLUMNS}, inserted_at FROM usage_events WHERE sign = 1",
+                only_if=_SIGNED_EVENTS,
+            ),
+            Step("RENAME TABLE usage_events TO usage_events_signed", only_if=_SIGNED_EVENTS),
+            Step(
+                "RENAME TABLE usage_events_replacing TO usage_events",
+                only_if=f"{_table_exists('usage_events_replacing')} "
+                "AND NOT EXISTS (SELECT 1 FROM system.tables "
+                "WHERE database = currentDatabase() AND name = 'usage_events')",
+            ),
+            "DROP TABLE IF EXISTS usage_events_replacing",
+            "DROP TABLE IF EXISTS usage_events_signed",
+            f"""
+CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
+SELECT {DEDUPE_KEY_HASH} AS key_hash, account_id, event_id, occurred_at
+FROM usage_events
+""",
+            "DROP TABLE IF EXISTS usage_hourly",
+            _USAGE_MINUTELY,
+            _BACKFILL_MINUTELY,
+        ),
+    ),
 )
+
+
+def apply(warehouse: Warehouse, statements: tuple[str | Step, ...]) -> None:
+    """Run one migration's statements, each step where its condition holds."""
+    for statement in statements:
+        if isinstance(statement, Step):
+            if not warehouse.query(statement.only_if):
+                continue
+            statement = statement.sql
+        warehouse.command(statement)
 
 
 def migrate(warehouse: Warehouse) -> list[int]:
@@ -227,8 +338,7 @@ def migrate(warehouse: Warehouse) -> list[int]:
     for version, description, statements in MIGRATIONS:
         if version in done:
             continue
-        for statement in statements:
-            warehouse.command(statement)
+        apply(warehouse, statements)
         warehouse.insert(
             "schema_migrations",
             ("version", "description", "applied_at"),
@@ -244,5 +354,9 @@ def schema_sql() -> str:
     parts = ["-- meterline warehouse schema; generated by `meterline schema`, do not edit."]
     for version, description, statements in MIGRATIONS:
         parts.append(f"\n-- migration {version}: {description}")
-        parts.extend(statement.strip() + ";" for statement in statements)
+        for statement in statements:
+            if isinstance(statement, Step):
+                parts.append(f"-- only where this returns a row: {statement.only_if}")
+                statement = statement.sql
+            parts.append(statement.strip() + ";")
     return "\n\n".join(parts) + "\n"

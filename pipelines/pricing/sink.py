@@ -1,0 +1,212 @@
+"""One flush of the pricing pipeline: records in, priced events stored, handlers told.
+
+    decode -> validate -> dedupe in batch -> price -> dedupe against the store
+    -> write -> flush handlers
+
+after which the caller dead-letters what was refused and commits offsets.
+Every step is timed. The store is idempotent by event identity, so a flush
+can be repeated from the start after a failure at any point.
+
+A write the store refuses while it still answers is deterministic (no retry
+would help), so the batch is split in halves until the events it refuses are
+found; those are stored unpriced instead, or dead-lettered with the store's
+reason if even that fails, and every other event is billed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+from meterline.catalog import Catalog
+from meterline.lib.settings import EventRules
+from meterline.lib.warehouse import WarehouseError
+from meterline.usage import InvalidEvent, decode, validate
+from meterline.usage.model import EventKey, PricedEvent, price_event
+from meterline.usage.store import FlushHandler, UsageStore
+
+log = logging.getLogger(__name__)
+
+#: The steps of a flush, as the ``step`` label of their duration metric.
+STEPS = ("decode", "price", "dedupe", "write", "handlers")
+
+
+class Record(Protocol):
+    """What the sink reads of a Kafka record (aiokafka's ``ConsumerRecord`` has it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Record
+    reason: str
+
+
+@dataclass
+class Flushed:
+    """What one flush did with its records."""
+
+    #: every event the batch's records stand for, as stored (fresh or from before)
+    events: list[PricedEvent] = field(default_factory=list)
+    written: int = 0
+    duplicates: int = 0
+    unpriced: int = 0
+    set_aside: int = 0
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class UsageSink:
+    """Prices a batch of usage records and stores it, exactly once per event."""
+
+    def __init__(
+        self,
+        store: UsageStore,
+        rules: EventRules,
+        handlers: Sequence[FlushHandler] = (),
+        observe: Callable[[str, float], None] = lambda step, seconds: None,
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.handlers = tuple(handlers)
+        self._observe = observe
+
+    @contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._observe(name, time.perf_counter() - started)
+
+    def flush(self, records: Sequence[Record], catalog: Catalog) -> Flushed:
+        """Store the batch's events (blocking); raises WarehouseError on an outage."""
+        out = Flushed()
+        with self._step("decode"):
+            events, by_key = self._decode(records, out)
+        invalid = len(out.dead)
+        with self._step("price"):
+            priced = [price_event(e, catalog) for e in events]
+        with self._step("dedupe"):
+            stored = self.store.stored(by_key.keys())
+        fresh = [e for e in priced if e.key not in stored]
+        with self._step("write"):
+            kept = self._write(fresh, by_key, out)
+            if stored:
+                self.store.recount(list(stored.values()))  # a crash may have cut the last one
+        out.events = [*stored.values(), *kept]
+        out.written = len(kept)
+        out.duplicates = len(records) - invalid - len(fresh)  # in the batch or stored before
+        out.unpriced = sum(1 for e in kept if not e.priced)
+        with self._step("handlers"):
+            for handler in self.handlers:
+                handler.on_flush(out.events)
+        return out
+
+    def _decode(
+        self, records: Sequence[Record], out: Flushed
+    ) -> tuple[list[PricedEvent], dict[EventKey, Record]]:
+        """Checked events, the first of each key only, and the record behind each key.
+
+        Lateness is judged against the record's timestamp, which ingest sets to
+        the moment it accepted the event: what ingest took is never refused here.
+        """
+        events: list[PricedEvent] = []
+        by_key: dict[EventKey, Record] = {}
+        received: dict[int, datetime] = {}  # records of a batch share milliseconds
+        rules = self.rules
+        for record in records:
+            received_at = received.get(record.timestamp)
+            if received_at is None:
+                received_at = datetime.fromtimestamp(record.timestamp / 1000, tz=UTC)
+                received[record.timestamp] = received_at
+            try:
+                event = validate(decode(record.value), now=received_at, rules=rules)
+            except InvalidEvent as exc:
+                out.dead.append(DeadLetter(record, str(exc)))
+                continue
+            key = (event.account_id, event.event_id)
+            if key in by_key:
+                continue
+            by_key[key] = record
+            events.append(
+                PricedEvent(
+                    event.account_id,
+                    event.event_id,
+                    event.api_key_id,
+                    event.model,
+                    event.provider,
+                    event.occurred_at,
+                    received_at,
+                    event.status,
+                    event.usage,
+                    event.latency_ms,
+                    event.ttft_ms,
+                    "",
+                    "",
+                    0,
+                    event.provider_usage_json,
+                    record.partition,
+                    record.offset,
+                )
+            )
+        return events, by_key
+
+    def _write(
+        self, events: list[PricedEvent], by_key: dict[EventKey, Record], out: Flushed
+    ) -> list[PricedEvent]:
+        """Store ``events``; returns those stored, as stored.
+
+        An outage is raised for the caller to retry; a refusal splits the
+        batch until only the refused events are left (see module docstring).
+        """
+        if not events:
+            return []
+        try:
+            self.store.insert_priced(events)
+            return events
+        except WarehouseError as exc:
+            if not self.store.reachable():
+                raise
+            if len(events) > 1:
+                half = len(events) // 2
+                return self._write(events[:half], by_key, out) + self._write(
+                    events[half:], by_key, out
+                )
+            refused, reason = events[0], str(exc)
+        out.set_aside += 1
+        log.error(
+            "the warehouse refused event %s of account %s (%s); storing it unpriced",
+            refused.event_id,
+            refused.account_id,
+            reason,
+        )
+        unpriced = _unpriced(refused)
+        try:
+            self.store.insert_priced([unpriced])
+        except WarehouseError as exc:
+            if not self.store.reachable():
+                raise
+            out.dead.append(DeadLetter(by_key[refused.key], f"the warehouse refused it: {exc}"))
+            return []
+        return [unpriced]
+
+
+def _unpriced(event: PricedEvent) -> PricedEvent:
+    return replace(event, price_id="", price_tier="", cost_picos=0)
