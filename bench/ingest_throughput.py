@@ -48,7 +48,7 @@ async def raw_produce(
 
 
 async def grpc_ingest(
-    stub: ingest_pb2_grpc.IngestServiceStub,
+    stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     events: list[usage_pb2.UsageEvent],
     batch: int,
     concurrency: int,
@@ -89,7 +89,7 @@ async def main(n: int, batches: list[int], concurrency: int, repeats: int) -> No
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 await asyncio.wait_for(channel.channel_ready(), timeout=30)
                 stub = ingest_pb2_grpc.IngestServiceStub(channel)
-                seconds: dict[str, list[float]] = {"raw": []} | {f"{b}": [] for b in batches}
+                seconds: dict[str, list[float]] = {name: [] for name in ("raw", *map(str, batches))}
                 for _ in range(repeats):
                     events = [gateway.event() for _ in range(n)]  # fresh ids each repeat
                     seconds["raw"].append(

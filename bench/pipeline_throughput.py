@@ -128,7 +128,7 @@ async def main(events: int, repeats: int, batch: int | None) -> None:
         settings = Settings(
             data_dir=Path(tmp),
             kafka=KafkaSettings(bootstrap_servers=broker.bootstrap_servers, partitions=6),
-            pipeline=PipelineSettings(**({"max_batch_events": batch} if batch else {})),
+            pipeline=PipelineSettings(max_batch_events=batch) if batch else PipelineSettings(),
         )
         warehouse = ChdbWarehouse(Path(tmp) / "chdb")
         migrate(warehouse)

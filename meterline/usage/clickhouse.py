@@ -256,17 +256,19 @@ def report_sql(group_by: Sequence[Dimension], *, rollup: bool) -> str:
     """The SELECT of a usage report; dimensions come from a fixed list, never from input.
 
     Whole minutes [first_minute, last_minute) come from the rollup, the rest
-    of [start, end) from raw events; without ``rollup`` all of it is raw.
+    of [start, end) from raw events; without ``rollup`` both minutes are
+    ``end`` and all of [start, end) is raw.
     """
     tokens = ", ".join(TOKEN_FIELDS)
     parts = [
         f"SELECT model, provider, toDate(occurred_at) AS day, toUInt64(1) AS requests, "
         f"toUInt64(1 - priced) AS unpriced_requests, {tokens}, cost_usd "
         "FROM usage_events FINAL WHERE account_id = {account_id:String} "
-        "AND occurred_at >= {start:DateTime64(3, 'UTC')} "
-        "AND occurred_at < {end:DateTime64(3, 'UTC')} "
-        "AND NOT (occurred_at >= {first_minute:DateTime64(3, 'UTC')} "
-        "AND occurred_at < {last_minute:DateTime64(3, 'UTC')})"
+        # two ranges the primary key can seek to, not a NOT it would read around
+        "AND ((occurred_at >= {start:DateTime64(3, 'UTC')} "
+        "AND occurred_at < {first_minute:DateTime64(3, 'UTC')}) "
+        "OR (occurred_at >= {last_minute:DateTime64(3, 'UTC')} "
+        "AND occurred_at < {end:DateTime64(3, 'UTC')}))"
     ]
     if rollup:
         parts.append(

@@ -128,7 +128,8 @@ ORDER BY (account_id, minute, model, provider)
 """
 
 _TOKEN_SUMS = ", ".join(f"sum({c})" for c in TOKEN_COLUMNS)
-_BACKFILL_MINUTELY = f"""
+#: Every minute of the rollup counted again from the events (the upgrade's backfill).
+RECOUNT_ALL_MINUTES = f"""
 INSERT INTO usage_minutely
 SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
     count(), countIf(priced = 0), {_TOKEN_SUMS}, sum(cost_usd), sum(latency_ms), now64(6)
@@ -310,7 +311,7 @@ FROM usage_events
 """,
             "DROP TABLE IF EXISTS usage_hourly",
             _USAGE_MINUTELY,
-            _BACKFILL_MINUTELY,
+            RECOUNT_ALL_MINUTES,
         ),
     ),
 )
