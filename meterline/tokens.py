@@ -8,12 +8,15 @@ report differently (Anthropic) are converted by :mod:`meterline.usage.adapters`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class TokenUsage:
-    """Token counts of one request, in OpenAI semantics (see module docstring)."""
+class TokenUsage(NamedTuple):
+    """Token counts of one request, in OpenAI semantics (see module docstring).
+
+    A named tuple: one is made for every event on the hot path, and a tuple
+    is several times quicker to make than a frozen dataclass.
+    """
 
     input_tokens: int = 0
     cached_input_tokens: int = 0
@@ -34,4 +37,4 @@ class TokenUsage:
 
 
 #: The token counts of a request, by name: the same in the proto, the warehouse and the API.
-TOKEN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TokenUsage))
+TOKEN_FIELDS: tuple[str, ...] = TokenUsage._fields

@@ -158,3 +158,19 @@ async def test_ingest_rejects_bad_events_with_their_reasons(stack: Stack, accoun
     assert response.results[-1].accepted
     assert response.results[-1].reason == ""
     assert [r.index for r in response.results] == list(range(len(cases) + 1))
+
+
+async def test_what_ingest_accepted_near_the_lateness_bound_is_billed_later(
+    stack: Stack, account_id: str
+) -> None:
+    """Lateness is judged once, at ingest: a pipeline that runs later never refuses it."""
+    stack.settings.events.max_past = timedelta(seconds=3)  # ingest and pipeline share the rules
+    late = event(account_id, occurred_at=datetime.now(UTC) - timedelta(seconds=2), input_tokens=10)
+    answer = await stack.report(late)
+    assert answer.accepted == 1
+    await asyncio.sleep(1.5)  # by the pipeline's own clock the event is now too old
+    pipeline = stack.start_pipeline()
+
+    usage = await stack.wait_for_requests(account_id, 1)
+    assert usage["totals"]["requests"] == 1
+    assert pipeline.metrics.dead_lettered == 0

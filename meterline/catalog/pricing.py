@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from meterline.money import (
     MAX_RATE_USD_PER_MTOK,
@@ -263,9 +264,11 @@ def _compile_rates(rates: Rates, *, tier: str) -> CompiledRates:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Cost:
-    """What one request cost, in pico-dollars, and which price and tier made it."""
+class Cost(NamedTuple):
+    """What one request cost, in pico-dollars, and which price and tier made it.
+
+    A named tuple: one is made for every event priced.
+    """
 
     picos: int
     price_id: str
@@ -296,4 +299,4 @@ class CompiledPrice:
             + usage.reasoning_tokens * r.reasoning
             + r.request
         )
-        return Cost(picos=picos, price_id=self.price_id, tier=r.tier)
+        return Cost(picos, self.price_id, r.tier)

@@ -8,8 +8,8 @@ shape everywhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from meterline.catalog.catalog import Catalog
 from meterline.tokens import TokenUsage
@@ -18,9 +18,12 @@ from meterline.tokens import TokenUsage
 EventKey = tuple[str, str]
 
 
-@dataclass(frozen=True, slots=True)
-class PricedEvent:
-    """One stored usage event; ``price_id`` is empty when no price was in force."""
+class PricedEvent(NamedTuple):
+    """One stored usage event; ``price_id`` is empty when no price was in force.
+
+    A named tuple, made twice an event on the pipeline's hot path: quicker to
+    make than a frozen dataclass, and as immutable.
+    """
 
     account_id: str
     event_id: str

@@ -471,7 +471,7 @@ def _problems(
             (
                 "too_old",
                 f"occurred_at {occurred_at.isoformat()} is more than "
-                f"{rules.max_past.days} days in the past",
+                f"{_span(rules.max_past)} in the past",
             )
         )
     elif occurred_at > now + rules.max_future:
@@ -479,7 +479,14 @@ def _problems(
             (
                 "too_far_ahead",
                 f"occurred_at {occurred_at.isoformat()} is more than "
-                f"{int(rules.max_future.total_seconds())} s in the future",
+                f"{_span(rules.max_future)} in the future",
             )
         )
     return problems
+
+
+def _span(span: timedelta) -> str:
+    """A lateness bound as a reporter reads it: "35 days", "300 s"."""
+    if span >= timedelta(days=1) and span % timedelta(days=1) == timedelta(0):
+        return f"{span.days} days"
+    return f"{span.total_seconds():g} s"

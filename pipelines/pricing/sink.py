@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -209,4 +209,4 @@ class UsageSink:
 
 
 def _unpriced(event: PricedEvent) -> PricedEvent:
-    return replace(event, price_id="", price_tier="", cost_picos=0)
+    return event._replace(price_id="", price_tier="", cost_picos=0)
