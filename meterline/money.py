@@ -137,8 +137,14 @@ def _split(picos: int) -> tuple[str, int, int]:
     return ("-" if picos < 0 else ""), whole, frac
 
 
+#: Below this, ``scaleb`` keeps every digit in the default 28-digit context.
+_EXACT_SCALEB = 10**27
+
+
 def picos_to_usd(picos: int) -> Decimal:
     """Pico-dollars -> Decimal dollars with twelve decimal places, exact at any size."""
+    if -_EXACT_SCALEB < picos < _EXACT_SCALEB:  # every event's cost: a quick exact shift
+        return Decimal(picos).scaleb(-12)
     sign, whole, frac = _split(picos)
     return Decimal(f"{sign}{whole}.{frac:012d}")  # the constructor is exact; arithmetic is not
 

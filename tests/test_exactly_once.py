@@ -147,13 +147,13 @@ async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(
     stack: Stack, account_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pipeline = stack.start_pipeline()
-    attempts = 0  # at flushing the batch; the warehouse is down for the first two
-    real_flush = pipeline.sink.flush
+    attempts = 0  # at storing the batch; the warehouse is down for the first two
+    real_store = pipeline.sink.store_batch
 
-    def flush(*args: Any) -> Any:
+    def store_batch(*args: Any) -> Any:
         nonlocal attempts
         attempts += 1
-        return real_flush(*args)
+        return real_store(*args)
 
     class Down:
         """The pipeline's warehouse connection, refused during the first two attempts."""
@@ -168,7 +168,7 @@ async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(
 
             return call
 
-    monkeypatch.setattr(pipeline.sink, "flush", flush)
+    monkeypatch.setattr(pipeline.sink, "store_batch", store_batch)
     monkeypatch.setattr(pipeline.sink.store, "warehouse", Down())
     await stack.report(*(event(account_id, input_tokens=1_000_000) for _ in range(3)))
 

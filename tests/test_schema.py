@@ -109,3 +109,18 @@ def test_a_dedupe_lookup_reads_only_the_granules_of_its_keys(warehouse: Warehous
     granules = [r["explain"].strip() for r in plan if r["explain"].strip().startswith("Granules:")]
     selected, total = map(int, granules[0].removeprefix("Granules: ").split("/"))
     assert total >= 290 and selected <= 20
+
+
+def test_the_dedupe_key_hash_is_the_same_in_python_and_in_the_engine(
+    warehouse: Warehouse,
+) -> None:
+    """The lookup sends hashes computed in Python; the keys table holds the engine's."""
+    from meterline.usage.clickhouse import key_hash
+
+    keys = [("acct-1", "ev-1"), ("a", ""), ("ünï", "çødé-☃"), ("acct", "x" * 128)]
+    rows = warehouse.query(
+        f"SELECT {DEDUPE_KEY_HASH} AS h FROM (SELECT arrayJoin(arrayZip("
+        "{a:Array(String)}, {e:Array(String)})) AS p, p.1 AS account_id, p.2 AS event_id)",
+        {"a": [k[0] for k in keys], "e": [k[1] for k in keys]},
+    )
+    assert [int(r["h"]) for r in rows] == [key_hash(*k) for k in keys]

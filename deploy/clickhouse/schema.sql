@@ -193,9 +193,25 @@ DROP TABLE IF EXISTS usage_events_replacing;
 
 DROP TABLE IF EXISTS usage_events_signed;
 
+DROP TABLE IF EXISTS dedupe_keys;
+
+CREATE TABLE IF NOT EXISTS dedupe_keys (
+    key_hash UInt64 COMMENT 'halfMD5 of account_id, NUL, event_id',
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+PRIMARY KEY key_hash
+ORDER BY (key_hash, account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY
+SETTINGS index_granularity = 1024, min_compress_block_size = 4096,
+    max_compress_block_size = 16384;
+
 CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
-SELECT cityHash64(account_id, event_id) AS key_hash, account_id, event_id, occurred_at
+SELECT halfMD5(concat(account_id, '\0', event_id)) AS key_hash, account_id, event_id, occurred_at
 FROM usage_events;
+
+INSERT INTO dedupe_keys SELECT halfMD5(concat(account_id, '\0', event_id)), account_id, event_id, occurred_at FROM usage_events;
 
 DROP TABLE IF EXISTS usage_hourly;
 

@@ -12,13 +12,14 @@ A report takes whole minutes from the rollup and only the edges from raw events.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from meterline.lib.warehouse.base import Value, Warehouse, WarehouseError
-from meterline.lib.warehouse.schema import DEDUPE_KEY_HASH, USAGE_EVENT_COLUMNS
+from meterline.lib.warehouse.schema import USAGE_EVENT_COLUMNS
 from meterline.money import picos_to_usd, usd_to_picos
 from meterline.tokens import TOKEN_FIELDS, TokenUsage
 from meterline.usage.model import EventKey, PricedEvent
@@ -26,18 +27,18 @@ from meterline.usage.report import Dimension, UsageGroup, UsageReport, UsageTota
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_PAIRS = (
-    "SELECT pair.1 AS account_id, pair.2 AS event_id FROM (SELECT arrayJoin("
-    "arrayZip({accounts:Array(String)}, {ids:Array(String)})) AS pair)"
-)
-
-#: The stored keys among a batch's: the hash picks the granules, the pair decides.
-_STORED_KEYS = f"""
+#: The stored keys whose hash is among a batch's (the caller compares the ids).
+_STORED_KEYS = """
 SELECT account_id, event_id, toUnixTimestamp64Milli(occurred_at) AS occurred_ms
-FROM dedupe_keys
-PREWHERE key_hash IN (SELECT {DEDUPE_KEY_HASH} FROM ({_PAIRS}))
-WHERE (account_id, event_id) IN ({_PAIRS})
+FROM dedupe_keys PREWHERE key_hash IN {hashes:Array(UInt64)}
 """
+
+
+def key_hash(account_id: str, event_id: str) -> int:
+    """``DEDUPE_KEY_HASH`` of one key, computed here: the lookup sends numbers, not ids."""
+    digest = hashlib.md5(f"{account_id}\0{event_id}".encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:8], "big")
+
 
 _EVENT_SELECT = ", ".join(
     {
@@ -151,11 +152,12 @@ class ClickHouseUsageStore:
     def stored(self, keys: Collection[EventKey]) -> dict[EventKey, PricedEvent]:
         if not keys:
             return {}
-        ordered = sorted(keys)
-        found = self.warehouse.query(
-            _STORED_KEYS,
-            {"accounts": [k[0] for k in ordered], "ids": [k[1] for k in ordered]},
-        )
+        hashes = sorted({key_hash(*key) for key in keys})
+        found = [
+            row
+            for row in self.warehouse.query(_STORED_KEYS, {"hashes": hashes})
+            if (row["account_id"], row["event_id"]) in keys
+        ]
         if not found:
             return {}
         rows = self.warehouse.query(

@@ -1,9 +1,9 @@
 """A usage event as billed: its tokens, what it cost and which price made it.
 
-:func:`price_event` is the one route from a checked event to money: the
-pricing pipeline, the re-pricing job and anything that estimates a charge
-call it, so the catalog's formula (:meth:`CompiledPrice.cost`) has one caller
-shape everywhere.
+:func:`price_of` is the one route from a checked event to money: the
+pricing pipeline, the re-pricing job (through :func:`price_event`) and
+anything that estimates a charge call it, so the catalog's formula
+(:meth:`CompiledPrice.cost`) has one caller shape everywhere.
 """
 
 from __future__ import annotations
@@ -52,30 +52,20 @@ class PricedEvent(NamedTuple):
         return bool(self.price_id)
 
 
+def price_of(
+    catalog: Catalog, model: str, provider: str, at: datetime, usage: TokenUsage
+) -> tuple[str, str, int]:
+    """(price_id, tier, pico-dollars) of one request; ("", "", 0) when no price is in force."""
+    price = catalog.price_for(model, provider, at)
+    if price is None:
+        return "", "", 0
+    cost = price.cost(usage)
+    return cost.price_id, cost.tier, cost.picos
+
+
 def price_event(event: PricedEvent, catalog: Catalog) -> PricedEvent:
     """``event`` priced by the version in force at its time; unpriced if there is none."""
-    price = catalog.price_for(event.model, event.provider, event.occurred_at)
-    if price is None:
-        price_id, tier, picos = "", "", 0
-    else:
-        cost = price.cost(event.usage)
-        price_id, tier, picos = cost.price_id, cost.tier, cost.picos
-    return PricedEvent(
-        event.account_id,
-        event.event_id,
-        event.api_key_id,
-        event.model,
-        event.provider,
-        event.occurred_at,
-        event.received_at,
-        event.status,
-        event.usage,
-        event.latency_ms,
-        event.ttft_ms,
-        price_id,
-        tier,
-        picos,
-        event.provider_usage_json,
-        event.kafka_partition,
-        event.kafka_offset,
+    price_id, tier, picos = price_of(
+        catalog, event.model, event.provider, event.occurred_at, event.usage
     )
+    return event._replace(price_id=price_id, price_tier=tier, cost_picos=picos)

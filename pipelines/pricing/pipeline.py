@@ -31,7 +31,7 @@ from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, WarehouseError
 from meterline.usage.clickhouse import ClickHouseUsageStore
 from meterline.usage.store import FlushHandler
-from pipelines.pricing.sink import DeadLetter, Flushed, UsageSink
+from pipelines.pricing.sink import DeadLetter, Flushed, Prepared, UsageSink
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +337,26 @@ class PricingPipeline:
     async def flush(self, *, wait: bool = True) -> None:
         """Hand the buffered records to the writer; with ``wait``, until committed.
 
-        Batches are written and committed in order, one at a time, so a
+        A batch is decoded and priced (Python, on a worker thread) while the
+        batch before it is written (mostly the engine, which releases the GIL);
+        batches are written and committed in order, one at a time, so a
         batch's dedupe check always sees the events of the batch before it.
         """
         async with self._flush_lock:
-            await self._settle()
             records, self._buffer = self._buffer, []
+            prepared = None
             if records:
-                self._inflight = asyncio.create_task(self._complete(records))
+                prepared = asyncio.create_task(
+                    asyncio.to_thread(self.sink.prepare, records, self.catalog)
+                )
+            try:
+                await self._settle()
+            except BaseException:
+                if prepared is not None:
+                    prepared.cancel()  # not committed: it will be replayed
+                raise
+            if prepared is not None:
+                self._inflight = asyncio.create_task(self._complete(records, prepared))
             if wait:
                 await self._settle()
 
@@ -354,10 +366,12 @@ class PricingPipeline:
             task, self._inflight = self._inflight, None
             await task
 
-    async def _complete(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    async def _complete(
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], prepared: asyncio.Task[Prepared]
+    ) -> None:
         """Store, dead-letter, commit: the batch's I/O, in that order."""
         started = time.monotonic()
-        flushed = await self._flush_until_stored(records)
+        flushed = await self._store_until_done(await prepared)
         await self._dead_letter(flushed.dead)
         await self._commit(records)
         elapsed = time.monotonic() - started
@@ -365,8 +379,8 @@ class PricingPipeline:
         self.metrics.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
         log.debug("wrote %d records in %.3f s: %s", len(records), elapsed, self.metrics.as_dict())
 
-    async def _flush_until_stored(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> Flushed:
-        """Retry a failed flush with back-off: a warehouse outage pauses the pipeline.
+    async def _store_until_done(self, batch: Prepared) -> Flushed:
+        """Retry a failed store with back-off: a warehouse outage pauses the pipeline.
 
         Retrying is safe: the store is idempotent by event. Once stopping, the
         retries end with the drain's time; the error is raised then and the
@@ -375,14 +389,14 @@ class PricingPipeline:
         delay = 0.5
         while True:
             try:
-                return await asyncio.to_thread(self.sink.flush, records, self.catalog)
+                return await asyncio.to_thread(self.sink.store_batch, batch)
             except Exception as exc:
                 if self._retry_until is not None and time.monotonic() >= self._retry_until:
                     raise
                 self.metrics.write_retries += 1
                 log.warning(
-                    "flush of %d records failed, retrying in %.1f s: %s",
-                    len(records),
+                    "storing %d records failed, retrying in %.1f s: %s",
+                    batch.records,
                     delay,
                     _short(exc),
                     exc_info=not isinstance(exc, WarehouseError),

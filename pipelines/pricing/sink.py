@@ -26,8 +26,8 @@ from typing import Protocol
 from meterline.catalog import Catalog
 from meterline.lib.settings import EventRules
 from meterline.lib.warehouse import WarehouseError
-from meterline.usage import InvalidEvent, decode, validate
-from meterline.usage.model import EventKey, PricedEvent, price_event
+from meterline.usage import InvalidEvent, UsageRecord, decode, validate
+from meterline.usage.model import EventKey, PricedEvent, price_of
 from meterline.usage.store import FlushHandler, UsageStore
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,16 @@ class Record(Protocol):
 class DeadLetter:
     record: Record
     reason: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded, checked and priced, not yet stored."""
+
+    records: int
+    events: list[PricedEvent]
+    by_key: dict[EventKey, Record]
+    dead: list[DeadLetter]
 
 
 @dataclass
@@ -96,23 +106,51 @@ class UsageSink:
             self._observe(name, time.perf_counter() - started)
 
     def flush(self, records: Sequence[Record], catalog: Catalog) -> Flushed:
-        """Store the batch's events (blocking); raises WarehouseError on an outage."""
-        out = Flushed()
+        """Price and store the batch (blocking); raises WarehouseError on an outage."""
+        return self.store_batch(self.prepare(records, catalog))
+
+    def prepare(self, records: Sequence[Record], catalog: Catalog) -> Prepared:
+        """Decode, check and price: CPU only, no store, so it can run ahead of a write."""
+        dead: list[DeadLetter] = []
         with self._step("decode"):
-            events, by_key = self._decode(records, out)
-        invalid = len(out.dead)
+            checked, by_key = self._decode(records, dead)
         with self._step("price"):
-            priced = [price_event(e, catalog) for e in events]
+            priced = [
+                PricedEvent(
+                    e.account_id,
+                    e.event_id,
+                    e.api_key_id,
+                    e.model,
+                    e.provider,
+                    e.occurred_at,
+                    received_at,
+                    e.status,
+                    e.usage,
+                    e.latency_ms,
+                    e.ttft_ms,
+                    *price_of(catalog, e.model, e.provider, e.occurred_at, e.usage),
+                    e.provider_usage_json,
+                    record.partition,
+                    record.offset,
+                )
+                for e, received_at, record in checked
+            ]
+        return Prepared(len(records), priced, by_key, dead)
+
+    def store_batch(self, batch: Prepared) -> Flushed:
+        """Dedupe, write and tell the handlers; may be called again after a failure."""
+        out = Flushed(dead=list(batch.dead))
         with self._step("dedupe"):
-            stored = self.store.stored(by_key.keys())
-        fresh = [e for e in priced if e.key not in stored]
+            stored = self.store.stored(batch.by_key.keys())
+        fresh = [e for e in batch.events if e.key not in stored]
         with self._step("write"):
-            kept = self._write(fresh, by_key, out)
+            kept = self._write(fresh, batch.by_key, out)
             if stored:
                 self.store.recount(list(stored.values()))  # a crash may have cut the last one
         out.events = [*stored.values(), *kept]
         out.written = len(kept)
-        out.duplicates = len(records) - invalid - len(fresh)  # in the batch or stored before
+        # in the batch twice, or stored before
+        out.duplicates = batch.records - len(batch.dead) - len(fresh)
         out.unpriced = sum(1 for e in kept if not e.priced)
         with self._step("handlers"):
             for handler in self.handlers:
@@ -120,14 +158,15 @@ class UsageSink:
         return out
 
     def _decode(
-        self, records: Sequence[Record], out: Flushed
-    ) -> tuple[list[PricedEvent], dict[EventKey, Record]]:
-        """Checked events, the first of each key only, and the record behind each key.
+        self, records: Sequence[Record], dead: list[DeadLetter]
+    ) -> tuple[list[tuple[UsageRecord, datetime, Record]], dict[EventKey, Record]]:
+        """Checked events with when ingest took them and their record, the first of
+        each key only, and the record behind each key.
 
         Lateness is judged against the record's timestamp, which ingest sets to
         the moment it accepted the event: what ingest took is never refused here.
         """
-        events: list[PricedEvent] = []
+        events: list[tuple[UsageRecord, datetime, Record]] = []
         by_key: dict[EventKey, Record] = {}
         received: dict[int, datetime] = {}  # records of a batch share milliseconds
         rules = self.rules
@@ -139,33 +178,13 @@ class UsageSink:
             try:
                 event = validate(decode(record.value), now=received_at, rules=rules)
             except InvalidEvent as exc:
-                out.dead.append(DeadLetter(record, str(exc)))
+                dead.append(DeadLetter(record, str(exc)))
                 continue
             key = (event.account_id, event.event_id)
             if key in by_key:
                 continue
             by_key[key] = record
-            events.append(
-                PricedEvent(
-                    event.account_id,
-                    event.event_id,
-                    event.api_key_id,
-                    event.model,
-                    event.provider,
-                    event.occurred_at,
-                    received_at,
-                    event.status,
-                    event.usage,
-                    event.latency_ms,
-                    event.ttft_ms,
-                    "",
-                    "",
-                    0,
-                    event.provider_usage_json,
-                    record.partition,
-                    record.offset,
-                )
-            )
+            events.append((event, received_at, record))
         return events, by_key
 
     def _write(

@@ -33,9 +33,28 @@ ORDER BY (account_id, event_id)
 TTL toDateTime(occurred_at) + INTERVAL 40 DAY
 """
 
-#: The dedupe lookup's narrowing key: any hash would do, collisions only cost a read.
-DEDUPE_KEY_HASH = "cityHash64(account_id, event_id)"
+#: The dedupe keys' hash up to migration 3.
+_CITY_KEY_HASH = "cityHash64(account_id, event_id)"
+#: The dedupe lookup's narrowing key since migration 4: the first 8 bytes of
+#: the MD5 of "account\0event", big-endian, which Python computes alike
+#: (:func:`meterline.usage.clickhouse.key_hash`), so a lookup sends numbers,
+#: not the batch's ids. Collisions only cost a read: the ids decide.
+DEDUPE_KEY_HASH = "halfMD5(concat(account_id, '\\0', event_id))"
 
+
+_DEDUPE_KEYS = """
+CREATE TABLE IF NOT EXISTS dedupe_keys (
+    key_hash UInt64 COMMENT '{comment}',
+    account_id String,
+    event_id String,
+    occurred_at DateTime64(3, 'UTC')
+) ENGINE = ReplacingMergeTree
+PRIMARY KEY key_hash
+ORDER BY (key_hash, account_id, event_id)
+TTL toDateTime(occurred_at) + INTERVAL 40 DAY
+SETTINGS index_granularity = 1024, min_compress_block_size = 4096,
+    max_compress_block_size = 16384
+"""
 
 #: Columns of usage_events in insert order (migration 4 and later).
 USAGE_EVENT_COLUMNS = (
@@ -251,22 +270,10 @@ ORDER BY ran_at
             # read every key stored, so it slowed as the 40 days filled up. Here
             # the hash picks the few granules holding a batch's keys; the ids,
             # compared in full, decide.
-            f"""
-CREATE TABLE IF NOT EXISTS dedupe_keys (
-    key_hash UInt64 COMMENT '{DEDUPE_KEY_HASH}',
-    account_id String,
-    event_id String,
-    occurred_at DateTime64(3, 'UTC')
-) ENGINE = ReplacingMergeTree
-PRIMARY KEY key_hash
-ORDER BY (key_hash, account_id, event_id)
-TTL toDateTime(occurred_at) + INTERVAL 40 DAY
-SETTINGS index_granularity = 1024, min_compress_block_size = 4096,
-    max_compress_block_size = 16384
-""",
+            _DEDUPE_KEYS.format(comment=_CITY_KEY_HASH),
             f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
-SELECT {DEDUPE_KEY_HASH} AS key_hash, account_id, event_id, occurred_at
+SELECT {_CITY_KEY_HASH} AS key_hash, account_id, event_id, occurred_at
 FROM usage_events WHERE sign = 1
 """,
             "DROP VIEW IF EXISTS event_keys_mv",
@@ -274,7 +281,7 @@ FROM usage_events WHERE sign = 1
             _EVENT_KEYS,
             f"""
 INSERT INTO dedupe_keys (key_hash, account_id, event_id, occurred_at)
-SELECT {DEDUPE_KEY_HASH}, account_id, event_id, occurred_at FROM event_keys
+SELECT {_CITY_KEY_HASH}, account_id, event_id, occurred_at FROM event_keys
 """,
             "DROP TABLE IF EXISTS event_keys",
         ),
@@ -304,11 +311,16 @@ SELECT {DEDUPE_KEY_HASH}, account_id, event_id, occurred_at FROM event_keys
             ),
             "DROP TABLE IF EXISTS usage_events_replacing",
             "DROP TABLE IF EXISTS usage_events_signed",
+            # the keys again, by a hash Python computes too (see DEDUPE_KEY_HASH)
+            "DROP TABLE IF EXISTS dedupe_keys",
+            _DEDUPE_KEYS.format(comment="halfMD5 of account_id, NUL, event_id"),
             f"""
 CREATE MATERIALIZED VIEW IF NOT EXISTS dedupe_keys_mv TO dedupe_keys AS
 SELECT {DEDUPE_KEY_HASH} AS key_hash, account_id, event_id, occurred_at
 FROM usage_events
 """,
+            f"INSERT INTO dedupe_keys SELECT {DEDUPE_KEY_HASH}, account_id, event_id, occurred_at "
+            "FROM usage_events",
             "DROP TABLE IF EXISTS usage_hourly",
             _USAGE_MINUTELY,
             RECOUNT_ALL_MINUTES,
