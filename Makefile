@@ -59,6 +59,7 @@ check: lint typecheck buf breaking check-proto ## everything CI checks before th
 bench: install ## benchmarks (by hand; results go in bench/RESULTS.md)
 	$(BIN)/python bench/pipeline_throughput.py
 	$(BIN)/python bench/ingest_throughput.py
+	$(BIN)/python bench/usage_query.py --data-dir build/usage-query  # 100M events: ~10 min to fill, kept
 
 soak: install ## kill and freeze pipelines for many rounds (by hand; figures in bench/RESULTS.md)
 	METERLINE_SOAK_ROUNDS=$${ROUNDS:-200} METERLINE_SOAK_EVENTS=$${EVENTS:-200000} \
