@@ -62,13 +62,13 @@ async def test_a_bad_stored_price_is_skipped_and_every_account_keeps_billing(
     stack: Stack, account_id: str
 ) -> None:
     """A version stored before the bounds existed (rate 1e30) must not stop billing."""
-    model = unique("absurd")
+    model, price_id = unique("absurd"), "pv_" + unique("bad")
     stack.warehouse.insert(
         "price_versions",
         ("price_id", "model", "provider", "effective_from", "created_at", "source", "spec_json"),
         [
             (
-                "pv_" + unique("bad"),
+                price_id,
                 model,
                 "acme",
                 datetime(2025, 1, 1, tzinfo=UTC),
@@ -88,6 +88,10 @@ async def test_a_bad_stored_price_is_skipped_and_every_account_keeps_billing(
     assert usage["totals"]["unpriced_requests"] == 1  # kept, re-priceable once a sane price exists
     assert usage["totals"]["cost_usd"] == "0.4"
     assert any(model in str(v) for v in pipeline.catalog.skipped)
+    # other tests load the same catalog: leave it as it was
+    stack.warehouse.command(
+        "DELETE FROM price_versions WHERE price_id = {p:String}", {"p": price_id}
+    )
 
 
 async def test_stopping_while_the_warehouse_is_down_keeps_trying_then_writes_all(

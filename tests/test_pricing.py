@@ -574,7 +574,8 @@ def test_the_price_book_skips_a_bad_stored_version_and_loads_the_rest(
     ]
     book = PriceBook(WithStoredRows(warehouse, rows))
     catalog = book.load()
-    skipped = {s.price_id: s for s in catalog.skipped}
+    ours = {str(row["price_id"]) for row in rows}  # the session's warehouse may hold others
+    skipped = {s.price_id: s for s in catalog.skipped if s.price_id in ours}
     assert set(skipped) == {"pv_absurd", "pv_garbled", "pv_no_rates", "pv_float"}
     assert "input rate: 1E+30 is above the bound of 10000" in skipped["pv_absurd"].reason
     assert (skipped["pv_absurd"].model, skipped["pv_absurd"].provider) == ("absurd", "audit")
