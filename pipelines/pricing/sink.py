@@ -4,8 +4,10 @@
     -> write -> flush handlers
 
 after which the caller dead-letters what was refused and commits offsets.
-Every step is timed. The store is idempotent by event identity, so a flush
-can be repeated from the start after a failure at any point.
+Every step is timed (``decode``, ``price``, ``dedupe``, ``write``,
+``handlers``: the ``step`` label of the pipeline's duration metric). The
+store is idempotent by event identity, so a flush can be repeated from the
+start after a failure at any point.
 
 A write the store refuses while it still answers is deterministic (no retry
 would help), so the batch is split in halves until the events it refuses are
@@ -31,9 +33,6 @@ from meterline.usage.model import EventKey, PricedEvent, price_of
 from meterline.usage.store import FlushHandler, UsageStore
 
 log = logging.getLogger(__name__)
-
-#: The steps of a flush, as the ``step`` label of their duration metric.
-STEPS = ("decode", "price", "dedupe", "write", "handlers")
 
 
 class Record(Protocol):
