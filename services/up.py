@@ -256,21 +256,28 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
     _stopped_by(failure)
 
 
-async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
-    """The ingest gRPC server alone (scale it out behind a load balancer), with its /metrics."""
-    stack = Stack(settings)
+@contextlib.contextmanager
+def own_metrics(settings: Settings, stack: Stack) -> Iterator[CollectorRegistry]:
+    """A standalone process's registry, served at its own /metrics while it runs."""
     registry = CollectorRegistry()
     metrics = serve_metrics(registry, settings.metrics.host, settings.metrics.port)
     stack.endpoints["metrics"] = f"http://{settings.metrics.host}:{metrics.port}/metrics"
     try:
+        yield registry
+    finally:
+        metrics.close()
+
+
+async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
+    """The ingest gRPC server alone (scale it out behind a load balancer), with its /metrics."""
+    stack = Stack(settings)
+    with own_metrics(settings, stack) as registry:
         async with (
             kafka(settings, stack) as bootstrap,
             ingest_server(settings, bootstrap, stack, registry=registry),
         ):
             print_banner(stack)
             failure = await _first_of(stop, *stack.watches)
-    finally:
-        metrics.close()
     _stopped_by(failure)
 
 
@@ -279,18 +286,13 @@ async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:
     from pipelines.pricing.pipeline import PricingPipeline
 
     stack = Stack(settings)
-    registry = CollectorRegistry()
-    metrics = serve_metrics(registry, settings.metrics.host, settings.metrics.port)
-    stack.endpoints["metrics"] = f"http://{settings.metrics.host}:{metrics.port}/metrics"
-    try:
+    with own_metrics(settings, stack) as registry:
         async with kafka(settings, stack) as bootstrap:
             with warehouse(settings, stack) as wh:
                 pipeline = PricingPipeline(settings, wh, bootstrap, registry=registry)
                 stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
                 print_banner(stack)
                 await pipeline.run(stop)
-    finally:
-        metrics.close()
 
 
 async def api_only(settings: Settings, stop: asyncio.Event) -> None:
