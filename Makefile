@@ -52,7 +52,9 @@ buf: $(BUF) ## buf lint and buf format on protos/
 # here yet: HEAD when the tree is clean (CI), else HEAD as committed.
 BREAKING_AGAINST ?= .git\#ref=HEAD~1
 breaking: $(BUF) ## buf breaking: the contract against the previous commit of main
-	$(BUF) breaking --against '$(BREAKING_AGAINST)'
+	@if git rev-parse --verify -q HEAD~1 >/dev/null; then \
+	  $(BUF) breaking --against '$(BREAKING_AGAINST)'; \
+	else echo "buf breaking skipped: no previous commit in this clone (shallow?)"; fi
 
 check: lint typecheck buf breaking check-proto ## everything CI checks before the tests
 
