@@ -236,7 +236,12 @@ PARTITION BY toYYYYMM(minute)
 ORDER BY (account_id, minute, model, provider);
 
 INSERT INTO usage_minutely
+    (account_id, minute, model, provider, requests, unpriced_requests,
+     input_tokens, cached_input_tokens, cache_write_5m_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_usd, latency_ms_sum, counted_at)
 SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
-    count(), countIf(priced = 0), sum(input_tokens), sum(cached_input_tokens), sum(cache_write_5m_tokens), sum(cache_write_1h_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_usd), sum(latency_ms), now64(6)
+    count() AS requests, countIf(priced = 0) AS unpriced_requests,
+    sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens, sum(cache_write_5m_tokens) AS cache_write_5m_tokens, sum(cache_write_1h_tokens) AS cache_write_1h_tokens, sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, sum(cost_usd) AS cost_usd, sum(latency_ms) AS latency_ms_sum,
+    now64(6) AS counted_at
 FROM usage_events FINAL
+
 GROUP BY account_id, minute, model, provider;

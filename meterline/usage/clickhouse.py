@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterline.lib.warehouse.base import Value, Warehouse, WarehouseError
-from meterline.lib.warehouse.schema import USAGE_EVENT_COLUMNS
+from meterline.lib.warehouse.schema import USAGE_EVENT_COLUMNS, recount_minutes
 from meterline.money import picos_to_usd, usd_to_picos
 from meterline.tokens import TOKEN_FIELDS, TokenUsage
 from meterline.usage.model import EventKey, PricedEvent
@@ -59,25 +59,12 @@ WHERE account_id IN {{accounts:Array(String)}}
       )) AS tuple))
 """
 
-_ROLLUP_MEASURES = ", ".join(f"sum({c}) AS {c}" for c in TOKEN_FIELDS)
-
 #: Recount the minutes of ``buckets`` (account, minute since the epoch) from raw events.
-_RECOUNT = f"""
-INSERT INTO usage_minutely
-    (account_id, minute, model, provider, requests, unpriced_requests,
-     {", ".join(TOKEN_FIELDS)}, cost_usd, latency_ms_sum, counted_at)
-SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
-    count() AS requests, countIf(priced = 0) AS unpriced_requests,
-    {_ROLLUP_MEASURES}, sum(cost_usd) AS cost_usd, sum(latency_ms) AS latency_ms_sum,
-    now64(6) AS counted_at
-FROM usage_events FINAL
-WHERE account_id IN {{accounts:Array(String)}}
-  AND occurred_at >= {{low:DateTime64(3, 'UTC')}} AND occurred_at < {{high:DateTime64(3, 'UTC')}}
+_RECOUNT = recount_minutes("""WHERE account_id IN {accounts:Array(String)}
+  AND occurred_at >= {low:DateTime64(3, 'UTC')} AND occurred_at < {high:DateTime64(3, 'UTC')}
   AND (account_id, intDiv(toUnixTimestamp(occurred_at), 60)) IN (
       SELECT pair.1, pair.2 FROM (SELECT arrayJoin(arrayZip(
-          {{bucket_accounts:Array(String)}}, {{bucket_minutes:Array(UInt32)}})) AS pair))
-GROUP BY account_id, minute, model, provider
-"""
+          {bucket_accounts:Array(String)}, {bucket_minutes:Array(UInt32)})) AS pair))""")
 
 
 def _rows(events: Sequence[PricedEvent], priced_at: datetime) -> list[tuple[Value, ...]]:

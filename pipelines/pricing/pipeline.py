@@ -62,7 +62,6 @@ class PipelineMetrics:
         self.flushes = 0
         self.commit_failures = 0
         self.write_retries = 0
-        self.catalog_skipped = 0
         self.lag_by_partition: dict[int, int] = {}
         self.events_per_s = 0.0
         registry = registry if registry is not None else CollectorRegistry()

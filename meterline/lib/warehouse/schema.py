@@ -146,15 +146,28 @@ PARTITION BY toYYYYMM(minute)
 ORDER BY (account_id, minute, model, provider)
 """
 
-_TOKEN_SUMS = ", ".join(f"sum({c})" for c in TOKEN_COLUMNS)
-#: Every minute of the rollup counted again from the events (the upgrade's backfill).
-RECOUNT_ALL_MINUTES = f"""
+_TOKEN_SUMS = ", ".join(f"sum({c}) AS {c}" for c in TOKEN_COLUMNS)
+
+
+def recount_minutes(where: str = "") -> str:
+    """The rollup's one definition: an INSERT of the minutes ``where`` selects,
+    counted again from the deduplicated events, stamped with the server's clock."""
+    return f"""
 INSERT INTO usage_minutely
+    (account_id, minute, model, provider, requests, unpriced_requests,
+     {", ".join(TOKEN_COLUMNS)}, cost_usd, latency_ms_sum, counted_at)
 SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
-    count(), countIf(priced = 0), {_TOKEN_SUMS}, sum(cost_usd), sum(latency_ms), now64(6)
+    count() AS requests, countIf(priced = 0) AS unpriced_requests,
+    {_TOKEN_SUMS}, sum(cost_usd) AS cost_usd, sum(latency_ms) AS latency_ms_sum,
+    now64(6) AS counted_at
 FROM usage_events FINAL
+{where}
 GROUP BY account_id, minute, model, provider
 """
+
+
+#: Every minute of the rollup counted again (the upgrade's backfill).
+RECOUNT_ALL_MINUTES = recount_minutes()
 
 _ROLLUP_SUMS = ",\n    ".join(f"sum({c} * sign) AS {c}" for c in TOKEN_COLUMNS)
 _ROLLUP_TYPES = ",\n    ".join(f"{c} Int64" for c in TOKEN_COLUMNS)
