@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from meterline.lib.warehouse.base import Value, Warehouse, WarehouseError
+from meterline.lib.warehouse.base import Value, Warehouse, answers
 from meterline.lib.warehouse.schema import USAGE_EVENT_COLUMNS, recount_minutes
 from meterline.money import picos_to_usd, usd_to_picos
 from meterline.tokens import TOKEN_FIELDS, TokenUsage
@@ -195,11 +195,7 @@ class ClickHouseUsageStore:
         )
 
     def reachable(self) -> bool:
-        try:
-            self.warehouse.query("SELECT 1 AS ok")
-        except WarehouseError:
-            return False
-        return True
+        return answers(self.warehouse)
 
     def report(
         self, account_id: str, start: datetime, end: datetime, group_by: Sequence[Dimension]

@@ -47,7 +47,7 @@ from pydantic import BaseModel
 from meterline.catalog import PriceBook
 from meterline.catalog.controller import CatalogController
 from meterline.lib.settings import HttpSettings
-from meterline.lib.warehouse.base import Warehouse, WarehouseError
+from meterline.lib.warehouse.base import Warehouse, WarehouseError, answers
 from meterline.usage.controller import UsageController, UsageQuery
 from meterline.usage.report import usage_report
 
@@ -88,10 +88,8 @@ class _OutageAware:
             except WarehouseUnavailable:
                 raise
             except WarehouseError as refused:
-                try:
-                    self._warehouse.query("SELECT 1 AS ok")
-                except WarehouseError as down:
-                    raise WarehouseUnavailable(str(down)) from refused
+                if not answers(self._warehouse):
+                    raise WarehouseUnavailable(str(refused)) from refused
                 raise
 
         return classified

@@ -48,3 +48,13 @@ class Warehouse(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def answers(warehouse: Warehouse) -> bool:
+    """Whether the warehouse answers at all: after a failure, tells an outage
+    (worth waiting out) from a statement it refused (a bug or a bad value)."""
+    try:
+        warehouse.query("SELECT 1 AS ok")
+    except WarehouseError:
+        return False
+    return True
