@@ -1,14 +1,18 @@
-"""Real parts for the tests: a Tansu broker on a free port and chDB in a temp dir.
+"""Real parts for the tests: a Tansu broker on a free port, chDB in a temp dir,
+and a database of their own on this machine's PostgreSQL.
 
 chDB opens one data directory per process, so the whole session shares one
 warehouse; tests keep apart by using their own account ids, topics and
-consumer groups.
+consumer groups. The PostgreSQL database is made for the run and dropped
+after it (``METERLINE_TEST_POSTGRES_URL`` names the server; default the
+local one, trust auth, database ``test``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -21,9 +25,20 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from meterline.accounts import KeyKind, KeyRing
+from meterline.accounts.keys import KeyHasher
+from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.accounts.postgres import PostgresAccountStore
 from meterline.catalog import PriceBook
 from meterline.lib.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
-from meterline.lib.settings import IngestSettings, KafkaSettings, PipelineSettings, Settings
+from meterline.lib.postgres import Database, open_database
+from meterline.lib.settings import (
+    IngestSettings,
+    KafkaSettings,
+    PipelineSettings,
+    PostgresSettings,
+    Settings,
+)
 from meterline.lib.warehouse import Warehouse
 from meterline.lib.warehouse.chdb import ChdbWarehouse
 from meterline.lib.warehouse.schema import migrate
@@ -66,6 +81,64 @@ def clickhouse_url(warehouse: ChdbWarehouse) -> Iterator[str]:
     yield server.start()
     server.stop()
     endpoint_session.close()  # type: ignore[no-untyped-call]
+
+
+#: The server the tests' database is made on; it must let this user CREATE DATABASE.
+TEST_POSTGRES = os.environ.get(
+    "METERLINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+#: The server secret the tests' keys are hashed with.
+TEST_SECRET = b"meterline-test-secret-0123456789"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of this run's own, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"meterline_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(TEST_POSTGRES, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    info = psycopg.conninfo.conninfo_to_dict(TEST_POSTGRES)
+    info["dbname"] = name
+    yield psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in info.items()})
+    with psycopg.connect(TEST_POSTGRES, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def database(postgres_url: str) -> Iterator[Database]:
+    with open_database(postgres_url, PostgresSettings()) as db:
+        yield db
+
+
+@pytest.fixture(scope="session")
+def key_ring(database: Database) -> KeyRing:
+    return KeyRing(PostgresAccountStore(database), KeyHasher(TEST_SECRET)).load()
+
+
+@pytest.fixture(scope="session")
+def accounts(key_ring: KeyRing) -> Accounts:
+    """The accounts store, and keys issued through it take effect in ``key_ring`` at once."""
+    return Accounts(key_ring.store, key_ring.hasher, key_ring)
+
+
+@pytest.fixture(scope="session")
+def admin_key(accounts: Accounts) -> IssuedKey:
+    return accounts.issue_key(KeyKind.ADMIN, name="tests' admin")
+
+
+@pytest.fixture(scope="session")
+def service_key(accounts: Accounts) -> IssuedKey:
+    return accounts.issue_key(KeyKind.SERVICE, name="tests' gateway")
+
+
+def bearer(key: IssuedKey) -> dict[str, str]:
+    """The HTTP header that presents ``key``."""
+    return {"Authorization": f"Bearer {key.secret}"}
 
 
 def unique(prefix: str) -> str:

@@ -1,9 +1,10 @@
 """Configuration from ``METERLINE_`` environment variables, one class per concern.
 
-The defaults give the embedded setup: a Tansu broker started by meterline,
-chDB in a local directory, gRPC on 50051 and HTTP on 8000. Point
-``METERLINE_KAFKA_BOOTSTRAP_SERVERS`` and ``METERLINE_CLICKHOUSE_URL`` at real
-servers to run against them instead.
+The defaults give the embedded setup: a Tansu broker and a PostgreSQL
+server started by meterline, chDB in a local directory, gRPC on 50051 and
+HTTP on 8000. Point ``METERLINE_KAFKA_BOOTSTRAP_SERVERS``,
+``METERLINE_CLICKHOUSE_URL`` and ``METERLINE_POSTGRES_URL`` at real servers
+to run against them instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from meterline.money import MAX_TOKEN_COUNT
@@ -58,6 +59,57 @@ class ClickHouseSettings(BaseSettings):
         description="e.g. http://user:pass@host:8123/meterline. Empty: chDB under data_dir.",
     )
     database: str = Field("default", description="Database for a ClickHouse server.")
+
+
+class PostgresSettings(BaseSettings):
+    model_config = _prefix("POSTGRES_")
+
+    url: str = Field(
+        "",
+        description="e.g. postgresql://meterline:pass@host:5432/meterline. Empty: start the "
+        "embedded PostgreSQL under data_dir.",
+    )
+    schema_name: str = Field(
+        "meterline",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Schema that holds meterline's tables (created when missing).",
+    )
+    embedded_port: int = Field(
+        15432, description="Port of the embedded PostgreSQL (used when url is empty)."
+    )
+    pool_size: int = Field(4, ge=1, le=100, description="Connections per process, at most.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Give up connecting after this.")
+
+
+class KeySettings(BaseSettings):
+    model_config = _prefix("KEYS_")
+
+    secret: SecretStr = Field(
+        SecretStr(""),
+        description="Server secret that API keys are hashed with (HMAC-SHA256). Every "
+        "replica needs the same one. Empty: kept in data_dir/auth-secret, made on first "
+        "start (one machine only).",
+    )
+    refresh_s: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="How often each process picks up created, revoked and expired keys; "
+        "a revocation takes effect everywhere within this.",
+    )
+    last_used_flush_s: float = Field(
+        30.0, gt=0, description="How often last_used_at is written (one statement for all keys)."
+    )
+
+
+class AccountSettings(BaseSettings):
+    model_config = _prefix("ACCOUNTS_")
+
+    unknown: Literal["register", "reject"] = Field(
+        "register",
+        description="Usage for an account meterline does not know: register it on its first "
+        "event (no usage is ever lost), or reject the event at ingest with the reason.",
+    )
 
 
 class PipelineSettings(BaseSettings):
@@ -152,10 +204,20 @@ class Settings(BaseSettings):
     model_config = _prefix("")
 
     data_dir: Path = Field(
-        Path("meterline-data"), description="Where the embedded setup keeps chDB's files."
+        Path("meterline-data"),
+        description="Where the embedded setup keeps its files: chDB's, PostgreSQL's, the "
+        "server secret and the first keys.",
+    )
+    auth: Literal["on", "off"] = Field(
+        "on",
+        description="off: every HTTP route and RPC answers without a key, as an admin. For "
+        "local development only; never the default.",
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    keys: KeySettings = Field(default_factory=KeySettings)
+    accounts: AccountSettings = Field(default_factory=AccountSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     grpc: IngestSettings = Field(default_factory=IngestSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -171,6 +233,15 @@ class Settings(BaseSettings):
     @property
     def embedded_kafka(self) -> bool:
         return not self.kafka.bootstrap_servers
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return not self.postgres.url
+
+    @property
+    def postgres_url(self) -> str:
+        embedded = f"postgresql://postgres@127.0.0.1:{self.postgres.embedded_port}/postgres"
+        return self.postgres.url or embedded
 
     @property
     def bootstrap_servers(self) -> str:
