@@ -19,10 +19,10 @@ $(BIN)/meterline: pyproject.toml
 
 install: $(BIN)/meterline ## create .venv and install meterline with its dev tools
 
-up: install ## run everything on this machine: embedded Kafka (Tansu) and ClickHouse (chDB)
+up: install ## run everything on this machine: embedded Kafka (Tansu), ClickHouse (chDB), PostgreSQL
 	$(BIN)/meterline up
 
-test: install ## run the test suite (real Tansu broker and chDB)
+test: install ## run the test suite (real Tansu broker, chDB, this machine's PostgreSQL)
 	$(BIN)/pytest
 
 lint: install ## ruff

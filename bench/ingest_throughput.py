@@ -10,6 +10,12 @@ server's CPU-bound event loop), then sends the same pre-built events:
   calls in flight; a call returns only after Kafka confirmed its events, so
   this is validation + produce + the gRPC round trips.
 
+Every call presents a service key, as a gateway's does: the benchmark issues
+one in the ingest's own PostgreSQL (embedded, under a temporary data
+directory) and the ingest checks it on its key ring, so the figures include
+the key check. ``--auth off`` runs the ingest with METERLINE_AUTH=off and
+sends no key: the figures as they were before keys.
+
 Prints the median rate over ``--repeats`` of each, and ingest/raw.
 """
 
@@ -18,15 +24,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
+from pydantic import SecretStr
 
+from meterline.accounts import KeyKind
+from meterline.accounts.grpc import key_channel
+from meterline.accounts.keys import KeyHasher
+from meterline.accounts.manage import Accounts
+from meterline.accounts.postgres import PostgresAccountStore
 from meterline.lib.kafka import EmbeddedBroker, ensure_topics, free_port, start_producer
-from meterline.lib.settings import KafkaSettings
+from meterline.lib.postgres import open_database
+from meterline.lib.settings import KafkaSettings, KeySettings, PostgresSettings, Settings
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
 from services.simulate import Gateway
 
@@ -69,15 +84,45 @@ async def grpc_ingest(
     return time.perf_counter() - started
 
 
-async def main(n: int, batches: list[int], concurrency: int, repeats: int) -> None:
+def service_key(settings: Settings) -> str:
+    """A service key, issued in the store the ingest reads its keys from."""
+    secret = settings.keys.secret.get_secret_value().encode()
+    with open_database(settings.postgres_url, settings.postgres) as database:
+        accounts = Accounts(PostgresAccountStore(database), KeyHasher(secret))
+        return accounts.issue_key(KeyKind.SERVICE, name="ingest benchmark").secret
+
+
+async def until_taken(stub: ingest_pb2_grpc.IngestServiceAsyncStub) -> None:
+    """Until the ingest takes the key: its key ring picks a new key up within a refresh."""
+    while True:
+        try:
+            await stub.ReportUsage(ingest_pb2.ReportUsageRequest())
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def main(n: int, batches: list[int], concurrency: int, repeats: int, auth: bool) -> None:
     gateway = Gateway(accounts=200, seed=1, run_tag="bench")
-    with EmbeddedBroker(free_port()) as broker:
+    with EmbeddedBroker(free_port()) as broker, tempfile.TemporaryDirectory() as data_dir:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, partitions=6)
         await ensure_topics(broker.bootstrap_servers, kafka)
         port = free_port()
+        settings = Settings(
+            data_dir=data_dir,
+            postgres=PostgresSettings(embedded_port=free_port()),
+            keys=KeySettings(secret=SecretStr(secrets.token_hex(32))),
+        )
         env = os.environ | {
             "METERLINE_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "METERLINE_GRPC_PORT": str(port),
+            "METERLINE_METRICS_PORT": str(free_port()),
+            "METERLINE_DATA_DIR": data_dir,
+            "METERLINE_POSTGRES_EMBEDDED_PORT": str(settings.postgres.embedded_port),
+            "METERLINE_KEYS_SECRET": settings.keys.secret.get_secret_value(),
+            "METERLINE_AUTH": "on" if auth else "off",
         }
         server = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "ingest"],
@@ -86,9 +131,13 @@ async def main(n: int, batches: list[int], concurrency: int, repeats: int) -> No
             stderr=subprocess.DEVNULL,
         )
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await asyncio.wait_for(channel.channel_ready(), timeout=30)
+            # the ingest listens once its PostgreSQL is up: then the key can be issued
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as probe:
+                await asyncio.wait_for(probe.channel_ready(), timeout=120)
+            key = await asyncio.to_thread(service_key, settings) if auth else None
+            async with key_channel(f"127.0.0.1:{port}", key) as channel:
                 stub = ingest_pb2_grpc.IngestServiceStub(channel)
+                await asyncio.wait_for(until_taken(stub), timeout=30)
                 seconds: dict[str, list[float]] = {name: [] for name in ("raw", *map(str, batches))}
                 for _ in range(repeats):
                     events = [gateway.event() for _ in range(n)]  # fresh ids each repeat
@@ -101,7 +150,8 @@ async def main(n: int, batches: list[int], concurrency: int, repeats: int) -> No
             server.terminate()
             server.wait()
     raw_rate = n / statistics.median(seconds["raw"])
-    print(f"events: {n}, concurrent calls: {concurrency}, repeats: {repeats}")
+    keys = "a service key on every call" if auth else "no key (METERLINE_AUTH=off)"
+    print(f"events: {n}, concurrent calls: {concurrency}, repeats: {repeats}, {keys}")
     print(f"raw aiokafka produce (acks=all):  {raw_rate:9,.0f} events/s (median)")
     for b in batches:
         rate = n / statistics.median(seconds[f"{b}"])
@@ -117,6 +167,12 @@ if __name__ == "__main__":
     parser.add_argument("--batches", default="100,1000", help="events per call, comma-separated")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default="on",
+        help="on: every call presents a service key; off: METERLINE_AUTH=off, no key",
+    )
     args = parser.parse_args()
     sizes = [int(b) for b in args.batches.split(",")]
-    asyncio.run(main(args.events, sizes, args.concurrency, args.repeats))
+    asyncio.run(main(args.events, sizes, args.concurrency, args.repeats, args.auth == "on"))

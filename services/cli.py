@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
 
+from meterline.accounts import Account, AccountExists, AccountNotFound, ApiKey, KeyNotFound
+from meterline.accounts.manage import Accounts
 from meterline.catalog import PriceBook
 from meterline.lib.logging import configure_logging
 from meterline.lib.settings import LogSettings, Settings
@@ -56,9 +62,27 @@ def cmd_api(args: argparse.Namespace) -> int:
     return _run_service(api_only)
 
 
+def _gateway_key(given: str | None) -> str | None:
+    """--key, else METERLINE_KEY, else the service key ``meterline up`` made in data_dir."""
+    if given or os.environ.get("METERLINE_KEY"):
+        return given or os.environ["METERLINE_KEY"]
+    path = Settings().data_dir / "keys.json"
+    try:
+        return str(json.loads(path.read_text())["service_key"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from services.simulate import simulate
 
+    key = _gateway_key(args.key)
+    if key is None:
+        print(
+            "meterline simulate: no API key: pass --key or set METERLINE_KEY "
+            "(meterline up writes a service key to <data dir>/keys.json)",
+            file=sys.stderr,
+        )
     totals = asyncio.run(
         simulate(
             args.target,
@@ -67,6 +91,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             accounts=args.accounts,
             batch_size=args.batch,
             seed=args.seed,
+            key=key,
         )
     )
     if totals.error:
@@ -170,23 +195,168 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reprice(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+def _moment(text: str) -> datetime:
+    """An ISO 8601 instant; without an offset, UTC."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
+
+def cmd_reprice(args: argparse.Namespace) -> int:
     from meterline.lib.warehouse import open_warehouse
     from pipelines.repricing.job import reprice_unpriced
 
-    def moment(text: str) -> datetime:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-
     result = reprice_unpriced(
-        open_warehouse(Settings()), moment(args.start), moment(args.end), args.account or ()
+        open_warehouse(Settings()), _moment(args.start), _moment(args.end), args.account or ()
     )
     print(
         f"repricing run {result.run_id}: {result.examined} unpriced events examined, "
         f"{result.repriced} priced, ${result.cost_added_usd} added"
     )
+    return 0
+
+
+@contextlib.contextmanager
+def _accounts() -> Iterator[Accounts]:
+    """The account store of the configured PostgreSQL (embedded: that of a running
+    ``meterline up``), with keys hashed under this installation's server secret."""
+    from meterline.accounts.auth import SecretMismatch
+    from meterline.accounts.keys import KeyHasher, server_secret
+    from meterline.accounts.postgres import PostgresAccountStore
+    from meterline.lib.postgres import PostgresError, open_database
+
+    settings = Settings()
+    try:
+        database = open_database(settings.postgres_url, settings.postgres)
+    except PostgresError as exc:
+        hint = " (is `meterline up` running?)" if settings.embedded_postgres else ""
+        raise PostgresError(f"{exc}{hint}") from exc
+    with database:
+        store = PostgresAccountStore(database)
+        hasher = KeyHasher(
+            server_secret(settings.keys.secret.get_secret_value(), settings.data_dir)
+        )
+        if not store.check_secret(hasher.secret_check()):
+            raise SecretMismatch(
+                "the API keys were made under another server secret: set "
+                "METERLINE_KEYS_SECRET (or METERLINE_DATA_DIR) as the servers have it"
+            )
+        yield Accounts(store, hasher)
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _account_json(account: Account) -> dict[str, object]:
+    return {**dataclasses.asdict(account), "metadata": dict(account.metadata)}
+
+
+def _key_json(key: ApiKey) -> dict[str, object]:
+    scope = None if key.account_ids is None else sorted(key.account_ids)
+    return {
+        **dataclasses.asdict(key),
+        "account_ids": scope,
+        "state": key.state(datetime.now(UTC)),
+    }
+
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("--metadata is a JSON object")
+    return value
+
+
+def cmd_accounts_create(args: argparse.Namespace) -> int:
+    from meterline.accounts.model import account_id_problem, check_timezone
+
+    if problem := account_id_problem(args.account_id):
+        raise ValueError(problem)
+    with _accounts() as accounts:
+        account = accounts.store.create_account(
+            args.account_id,
+            name=args.name or "",
+            timezone=check_timezone(args.timezone),
+            metadata=_metadata(args.metadata),
+            registered_by="cli",
+        )
+    _print_json(_account_json(account))
+    return 0
+
+
+def cmd_accounts_show(args: argparse.Namespace) -> int:
+    with _accounts() as accounts:
+        _print_json(_account_json(accounts.store.account(args.account_id)))
+    return 0
+
+
+def cmd_accounts_list(args: argparse.Namespace) -> int:
+    with _accounts() as accounts:
+        page = accounts.store.accounts(after=args.after, limit=args.limit)
+    print(f"{'account':<32} {'status':<10} {'timezone':<20} {'registered by':<13} name")
+    for a in page:
+        print(f"{a.account_id:<32} {a.status:<10} {a.timezone:<20} {a.registered_by:<13} {a.name}")
+    if len(page) == args.limit:
+        print(f"more: --after {page[-1].account_id}")
+    return 0
+
+
+def cmd_accounts_update(args: argparse.Namespace) -> int:
+    from meterline.accounts import AccountStatus, AccountUpdate
+    from meterline.accounts.model import check_timezone
+
+    status = {"suspend": AccountStatus.SUSPENDED, "reactivate": AccountStatus.ACTIVE}.get(
+        args.accounts_command
+    )
+    change = AccountUpdate(
+        name=getattr(args, "name", None),
+        status=status,
+        timezone=check_timezone(args.timezone) if getattr(args, "timezone", None) else None,
+        metadata=_metadata(getattr(args, "metadata", None)),
+    )
+    with _accounts() as accounts:
+        _print_json(_account_json(accounts.store.update_account(args.account_id, change)))
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from meterline.accounts import KeyKind
+
+    expires = _moment(args.expires) if args.expires else None
+    with _accounts() as accounts:
+        issued = accounts.issue_key(
+            KeyKind(args.kind),
+            name=args.name or "",
+            account_id=args.account,
+            account_ids=args.scope,
+            expires_at=expires,
+        )
+    _print_json({**_key_json(issued.key), "key": issued.secret})
+    print("the key is shown this once: only its hash is kept", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _accounts() as accounts:
+        keys = accounts.store.api_keys(account_id=args.account)
+    print(f"{'key id':<13} {'kind':<8} {'state':<8} {'scope':<24} {'last used':<20} name")
+    for k in keys:
+        scope = k.account_id or (
+            "all accounts" if k.account_ids is None else ",".join(sorted(k.account_ids))
+        )
+        used = k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "never"
+        print(
+            f"{k.key_id:<13} {k.kind:<8} {k.state(datetime.now(UTC)):<8} {scope[:24]:<24} "
+            f"{used:<20} {k.name}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _accounts() as accounts:
+        _print_json(_key_json(accounts.revoke_key(args.key_id)))
     return 0
 
 
@@ -222,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--accounts", type=int, default=20, help="distinct accounts")
     sim.add_argument("--batch", type=int, default=50, help="events per ReportUsage call")
     sim.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable mix")
+    sim.add_argument(
+        "--key",
+        help="service API key (default: METERLINE_KEY, else the one `meterline up` wrote "
+        "to <data dir>/keys.json)",
+    )
     sim.set_defaults(func=cmd_simulate)
 
     sub.add_parser("schema", help="print the warehouse DDL").set_defaults(func=cmd_schema)
@@ -230,6 +405,58 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--to", dest="end", required=True, help="ISO 8601 end, exclusive")
     rep.add_argument("--account", action="append", help="only this account (repeatable)")
     rep.set_defaults(func=cmd_reprice)
+
+    accounts = sub.add_parser("accounts", help="create, list, show, update, suspend accounts")
+    asub = accounts.add_subparsers(dest="accounts_command", required=True)
+    acreate = asub.add_parser("create", help="a new account")
+    acreate.add_argument("account_id", help="the account_id gateways send in usage events")
+    ashow = asub.add_parser("show", help="one account")
+    ashow.add_argument("account_id")
+    ashow.set_defaults(func=cmd_accounts_show)
+    alist = asub.add_parser("list", help="accounts in id order, a page at a time")
+    alist.add_argument("--after", help="the last account_id of the previous page")
+    alist.add_argument("--limit", type=int, default=100)
+    alist.set_defaults(func=cmd_accounts_list)
+    aupdate = asub.add_parser("update", help="change name, timezone or metadata")
+    aupdate.add_argument("account_id")
+    for parser_ in (acreate, aupdate):
+        parser_.add_argument("--name")
+        parser_.add_argument("--metadata", help="a JSON object")
+    acreate.add_argument(
+        "--timezone", default="UTC", help="IANA name; its days and months are the account's"
+    )
+    aupdate.add_argument("--timezone", help="IANA name")
+    acreate.set_defaults(func=cmd_accounts_create)
+    aupdate.set_defaults(func=cmd_accounts_update)
+    for verb, what in (("suspend", "suspend an account"), ("reactivate", "make it active again")):
+        status = asub.add_parser(verb, help=what)
+        status.add_argument("account_id")
+        status.set_defaults(func=cmd_accounts_update)
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kcreate = ksub.add_parser("create", help="a new key, shown once")
+    kcreate.add_argument(
+        "--kind",
+        required=True,
+        choices=["admin", "service", "account"],
+        help="admin: everything; service: a gateway (reports usage); account: reads one account",
+    )
+    kcreate.add_argument("--name")
+    kcreate.add_argument("--account", help="account keys: the account it reads")
+    kcreate.add_argument(
+        "--scope",
+        action="append",
+        help="service keys: an account it acts for (repeatable; default all)",
+    )
+    kcreate.add_argument("--expires", help="ISO 8601 instant it stops working")
+    kcreate.set_defaults(func=cmd_keys_create)
+    klist = ksub.add_parser("list", help="keys, without their secrets")
+    klist.add_argument("--account", help="only keys of or scoped to this account")
+    klist.set_defaults(func=cmd_keys_list)
+    krevoke = ksub.add_parser("revoke", help="revoke a key (every replica within seconds)")
+    krevoke.add_argument("key_id")
+    krevoke.set_defaults(func=cmd_keys_revoke)
 
     catalog = sub.add_parser("catalog", help="list, add or import prices")
     csub = catalog.add_subparsers(dest="catalog_command", required=True)
@@ -281,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (AccountNotFound, KeyNotFound) as exc:
+        print(f"meterline: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+    except (AccountExists, ValueError) as exc:  # the arguments: fix and run again
+        print(f"meterline: {exc}", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError) as exc:  # BrokerError, WarehouseError, a port in use
         print(f"meterline: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from meterline.accounts.grpc import key_channel
 from meterline.catalog import Catalog, seed_versions
 from meterline.lib.settings import IngestSettings
 from meterline.money import format_usd
@@ -141,13 +142,16 @@ async def simulate(
     seed: int | None,
     console: Console | None = None,
     max_message_bytes: int | None = None,
+    key: str | None = None,
 ) -> SentTotals:
     """Send ``rate`` events/s for ``duration_s`` to the ingest service at ``target``.
 
     ``max_message_bytes`` is the largest report sent (default: ingest's
     ``METERLINE_GRPC_MAX_MESSAGE_BYTES``, so a report ingest would refuse
-    fails here, before it is sent). Returns the totals, also when ingest
-    failed a report: ``error`` then says why the run stopped.
+    fails here, before it is sent). ``key`` is the service key every report
+    presents (None: none, for an ingest run with METERLINE_AUTH=off).
+    Returns the totals, also when ingest failed a report: ``error`` then
+    says why the run stopped.
     """
     console = console or Console()
     run_tag = uuid.uuid4().hex[:6]
@@ -163,7 +167,7 @@ async def simulate(
     ]
     started = time.monotonic()
     try:
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
+        async with key_channel(target, key, options=options) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             with Progress(
                 TextColumn("[bold]simulating[/] {task.completed}/{task.total} events"),

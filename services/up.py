@@ -3,7 +3,8 @@
 ``meterline up`` runs all of them; ``meterline ingest|pipeline|api`` run one
 each, against configured servers, for the distributed setup. Shutdown runs
 in reverse: stop taking reports, let the pipeline price what Kafka holds,
-commit, then stop the API, the warehouse and the embedded broker.
+commit, then stop the API, the account store, the warehouse and the
+embedded servers.
 """
 
 from __future__ import annotations
@@ -14,17 +15,30 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import uvicorn
 
+from meterline.accounts import Authenticator, KeyRing, OpenDoor
+from meterline.accounts.keys import KeyHasher, server_secret
+from meterline.accounts.manage import Accounts, IssuedKey, first_keys
+from meterline.accounts.postgres import PostgresAccountStore
+from meterline.accounts.registrar import AccountRegistrar
 from meterline.catalog import PriceBook
 from meterline.lib.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
 from meterline.lib.metrics import CollectorRegistry, serve_metrics
+from meterline.lib.postgres import Database, open_database
+from meterline.lib.postgres.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, open_warehouse
 from services.api.app import create_app
 
+if TYPE_CHECKING:
+    from pipelines.pricing.pipeline import PricingPipeline
+
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class _ApiServer(uvicorn.Server):
@@ -65,6 +79,7 @@ class Stack:
     warehouse: Warehouse | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
+    postgres: EmbeddedPostgres | None = None
     #: tasks that end only when something meterline runs on has gone (a crash)
     watches: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -76,10 +91,22 @@ class Stack:
             f"the embedded Kafka broker exited with code {code} (its log: {self.broker.log_path})"
         )
 
+    def postgres_gone(self) -> EmbeddedPostgresError | None:
+        """The embedded PostgreSQL's exit, if it exited on its own."""
+        if self.postgres is None or (code := self.postgres.returncode) is None:
+            return None
+        return EmbeddedPostgresError(
+            f"the embedded PostgreSQL exited with code {code} "
+            f"(its log: {self.settings.data_dir / 'postgres.log'})"
+        )
 
-async def _watch_broker(stack: Stack) -> None:
-    """Raises when the embedded broker exits on its own."""
-    while (gone := stack.broker_gone()) is None:
+    def server_gone(self) -> RuntimeError | None:
+        return self.broker_gone() or self.postgres_gone()
+
+
+async def _watch_servers(stack: Stack) -> None:
+    """Raises when an embedded server (broker, PostgreSQL) exits on its own."""
+    while (gone := stack.server_gone()) is None:
         await asyncio.sleep(0.2)
     raise gone
 
@@ -96,7 +123,7 @@ async def kafka(settings: Settings, stack: Stack) -> AsyncIterator[str]:
         broker.start()  # on this thread, the main one: see EmbeddedBroker.start
         stack.broker = broker
         stack.endpoints["kafka"] = f"{broker.bootstrap_servers} (embedded Tansu, memory storage)"
-        stack.watches.append(asyncio.create_task(_watch_broker(stack)))
+        stack.watches.append(asyncio.create_task(_watch_servers(stack)))
     else:
         stack.endpoints["kafka"] = settings.kafka.bootstrap_servers
     stack.bootstrap_servers = settings.bootstrap_servers
@@ -128,14 +155,104 @@ def warehouse(settings: Settings, stack: Stack) -> Iterator[Warehouse]:
         wh.close()
 
 
+@contextlib.contextmanager
+def postgres(settings: Settings, stack: Stack) -> Iterator[Database]:
+    """The configured PostgreSQL, or an embedded one under data_dir; migrated."""
+    server, watch = None, None
+    if settings.embedded_postgres:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        server = EmbeddedPostgres(
+            settings.data_dir / "postgres",
+            settings.postgres.embedded_port,
+            log_path=settings.data_dir / "postgres.log",
+        )
+        server.start()  # on the main thread, as the broker
+        stack.postgres = server
+        stack.endpoints["postgresql"] = f"{server.url} (embedded PostgreSQL)"
+        if not stack.watches:  # else the broker's watch looks after both
+            watch = asyncio.get_running_loop().create_task(_watch_servers(stack))
+            stack.watches.append(watch)
+    try:
+        database = open_database(settings.postgres_url, settings.postgres)
+        stack.endpoints.setdefault("postgresql", database.where)
+        try:
+            yield database
+        finally:
+            database.close()
+    finally:
+        stack.postgres = None  # stopped by us from here on, not gone
+        if watch is not None:
+            watch.cancel()
+            stack.watches.remove(watch)
+        if server is not None:
+            server.stop()
+
+
+@dataclass
+class Access:
+    """Who may ask: the authenticator every server checks keys with, and the accounts."""
+
+    auth: Authenticator
+    accounts: Accounts
+    ring: KeyRing
+
+
+@contextlib.asynccontextmanager
+async def access(settings: Settings, database: Database) -> AsyncIterator[Access]:
+    """The key ring, loaded and kept fresh while the block runs."""
+    store = PostgresAccountStore(database)
+    secret = server_secret(settings.keys.secret.get_secret_value(), settings.data_dir)
+    ring = KeyRing(
+        store,
+        KeyHasher(secret),
+        refresh_s=settings.keys.refresh_s,
+        last_used_flush_s=settings.keys.last_used_flush_s,
+    )
+    await asyncio.to_thread(ring.load)
+    auth: Authenticator = ring
+    if settings.auth == "off":
+        log.warning(
+            "METERLINE_AUTH=off: every route and RPC answers anyone as an admin. "
+            "For local development only."
+        )
+        auth = OpenDoor()
+    stop = asyncio.Event()
+    refreshing = asyncio.create_task(ring.run(stop))
+    try:
+        yield Access(auth, Accounts(store, ring.hasher, ring), ring)
+    finally:
+        stop.set()
+        await refreshing
+
+
+def print_first_keys(issued: list[IssuedKey], path: Path) -> None:
+    """The keys made on an empty store, shown this once."""
+    if not issued:
+        return
+    lines = [f"  {k.key.kind:<8} {k.secret}" for k in issued]
+    print(
+        "API keys made for this new store (shown once; also in "
+        f"{path}, readable only by you):\n" + "\n".join(lines),
+        flush=True,
+    )
+
+
 class ApiServer:
     """The Litestar app under uvicorn, started and stopped from the runner's loop."""
 
-    def __init__(self, settings: Settings, wh: Warehouse, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, settings: Settings, wh: Warehouse, registry: CollectorRegistry, access: Access
+    ) -> None:
         self.address = f"http://{settings.http.host}:{settings.http.port}"
         self.server = _ApiServer(
             uvicorn.Config(
-                create_app(wh, registry=registry, settings=settings.http),
+                create_app(
+                    wh,
+                    auth=access.auth,
+                    accounts=access.accounts,
+                    registry=registry,
+                    settings=settings.http,
+                ),
                 host=settings.http.host,
                 port=settings.http.port,
                 log_level="warning",
@@ -191,19 +308,30 @@ def _stopped_by(failure: BaseException | None) -> None:
 
 @contextlib.asynccontextmanager
 async def ingest_server(
-    settings: Settings, bootstrap: str, stack: Stack, *, registry: CollectorRegistry
+    settings: Settings,
+    bootstrap: str,
+    stack: Stack,
+    access: Access,
+    *,
+    registry: CollectorRegistry,
 ) -> AsyncIterator[None]:
     """The ingest gRPC server and its producer; on exit, in-flight reports finish first."""
+    from meterline.accounts.directory import AccountDirectory
     from services.ingest.server import IngestServer
 
     producer = await start_producer(bootstrap, settings.kafka)
     try:
+        directory = None
+        if settings.accounts.unknown == "reject":
+            directory = AccountDirectory(access.accounts.store)
         server = IngestServer(
             producer,
             topic=settings.kafka.topic,
             rules=settings.events,
             settings=settings.grpc,
             registry=registry,
+            auth=access.auth,
+            directory=directory,
         )
         await server.start()
         stack.endpoints["ingest (gRPC)"] = server.address
@@ -215,45 +343,70 @@ async def ingest_server(
         await producer.stop()
 
 
-async def up(settings: Settings, stop: asyncio.Event) -> None:
-    """Everything on one machine: broker, warehouse, ingest, pipeline, API."""
+def pricing_pipeline(
+    settings: Settings,
+    wh: Warehouse,
+    bootstrap: str,
+    access: Access,
+    *,
+    registry: CollectorRegistry,
+) -> PricingPipeline:
+    """The pipeline with its flush handlers: accounts first seen are registered."""
     from pipelines.pricing.pipeline import PricingPipeline
 
+    handlers = [AccountRegistrar(access.accounts.store)]
+    return PricingPipeline(settings, wh, bootstrap, handlers=handlers, registry=registry)
+
+
+async def up(settings: Settings, stop: asyncio.Event) -> None:
+    """Everything on one machine: broker, warehouse, PostgreSQL, ingest, pipeline, API."""
     stack = Stack(settings)
     registry = CollectorRegistry()  # every part's metrics, served by the HTTP API
-    async with kafka(settings, stack) as bootstrap:
-        with warehouse(settings, stack) as wh:
-            pipeline = PricingPipeline(settings, wh, bootstrap, registry=registry)
-            pipeline_stop = asyncio.Event()
-            # A memory-only broker loses what is left in it: price it all before stopping.
-            drain_s = 60.0 if settings.embedded_kafka else 0.0
-            pipeline_task = asyncio.create_task(pipeline.run(pipeline_stop, drain_s=drain_s))
-            stack.endpoints["pricing pipeline"] = (
-                f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
-            )
-            api = ApiServer(settings, wh, registry)
-            failure = None
-            try:
-                await api.start()
-                stack.endpoints["HTTP API"] = api.address
-                async with ingest_server(settings, bootstrap, stack, registry=registry):
-                    print_banner(stack)
-                    failure = await _first_of(stop, pipeline_task, *stack.watches)
-                # Ingest has stopped taking reports: drain what Kafka holds, then stop.
-            finally:
-                pipeline_stop.set()
-                await asyncio.wait(
-                    {pipeline_task, *stack.watches}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not pipeline_task.done():
-                    pipeline_task.cancel()  # the broker has gone: nothing is left to drain
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await pipeline_task
-                await api.stop()
-            # a part that failed because the broker went: say why it went
-            failure = stack.broker_gone() or failure
+    async with (
+        kafka(settings, stack) as bootstrap,
+        _sync(warehouse(settings, stack)) as wh,
+        _sync(postgres(settings, stack)) as database,
+        access(settings, database) as granted,
+    ):
+        keys_file = settings.data_dir / "keys.json"
+        issued = await asyncio.to_thread(first_keys, granted.accounts, keys_file)
+        pipeline = pricing_pipeline(settings, wh, bootstrap, granted, registry=registry)
+        pipeline_stop = asyncio.Event()
+        # A memory-only broker loses what is left in it: price it all before stopping.
+        drain_s = 60.0 if settings.embedded_kafka else 0.0
+        pipeline_task = asyncio.create_task(pipeline.run(pipeline_stop, drain_s=drain_s))
+        stack.endpoints["pricing pipeline"] = (
+            f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
+        )
+        api = ApiServer(settings, wh, registry, granted)
+        failure = None
+        try:
+            await api.start()
+            stack.endpoints["HTTP API"] = api.address
+            async with ingest_server(settings, bootstrap, stack, granted, registry=registry):
+                print_first_keys(issued, keys_file)
+                print_banner(stack)
+                failure = await _first_of(stop, pipeline_task, *stack.watches)
+            # Ingest has stopped taking reports: drain what Kafka holds, then stop.
+        finally:
+            pipeline_stop.set()
+            await asyncio.wait({pipeline_task, *stack.watches}, return_when=asyncio.FIRST_COMPLETED)
+            if not pipeline_task.done():
+                pipeline_task.cancel()  # the broker has gone: nothing is left to drain
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await pipeline_task
+            await api.stop()
+        # a part that failed because an embedded server went: say why it went
+        failure = stack.server_gone() or failure
     print(f"meterline stopped: {pipeline.metrics.as_dict()}", flush=True)
     _stopped_by(failure)
+
+
+@contextlib.asynccontextmanager
+async def _sync(manager: contextlib.AbstractContextManager[_T]) -> AsyncIterator[_T]:
+    """A blocking context manager among asynchronous ones, entered on this thread."""
+    with manager as value:
+        yield value
 
 
 @contextlib.contextmanager
@@ -274,7 +427,9 @@ async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
     with own_metrics(settings, stack) as registry:
         async with (
             kafka(settings, stack) as bootstrap,
-            ingest_server(settings, bootstrap, stack, registry=registry),
+            _sync(postgres(settings, stack)) as database,
+            access(settings, database) as granted,
+            ingest_server(settings, bootstrap, stack, granted, registry=registry),
         ):
             print_banner(stack)
             failure = await _first_of(stop, *stack.watches)
@@ -283,23 +438,29 @@ async def ingest_only(settings: Settings, stop: asyncio.Event) -> None:
 
 async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:
     """One pricing pipeline instance; run several, they share the consumer group."""
-    from pipelines.pricing.pipeline import PricingPipeline
-
     stack = Stack(settings)
     with own_metrics(settings, stack) as registry:
-        async with kafka(settings, stack) as bootstrap:
-            with warehouse(settings, stack) as wh:
-                pipeline = PricingPipeline(settings, wh, bootstrap, registry=registry)
-                stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
-                print_banner(stack)
-                await pipeline.run(stop)
+        async with (
+            kafka(settings, stack) as bootstrap,
+            _sync(warehouse(settings, stack)) as wh,
+            _sync(postgres(settings, stack)) as database,
+            access(settings, database) as granted,
+        ):
+            pipeline = pricing_pipeline(settings, wh, bootstrap, granted, registry=registry)
+            stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
+            print_banner(stack)
+            await pipeline.run(stop)
 
 
 async def api_only(settings: Settings, stop: asyncio.Event) -> None:
     """The HTTP API alone, over the configured warehouse."""
     stack = Stack(settings)
-    with warehouse(settings, stack) as wh:
-        api = ApiServer(settings, wh, CollectorRegistry())
+    async with (
+        _sync(warehouse(settings, stack)) as wh,
+        _sync(postgres(settings, stack)) as database,
+        access(settings, database) as granted,
+    ):
+        api = ApiServer(settings, wh, CollectorRegistry(), granted)
         await api.start()
         stack.endpoints["HTTP API"] = api.address
         print_banner(stack)

@@ -24,8 +24,10 @@ from typing import TypedDict, Unpack, cast
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import SecretStr
 
 from meterline.accounts import KeyKind, KeyRing
+from meterline.accounts.grpc import key_channel
 from meterline.accounts.keys import KeyHasher
 from meterline.accounts.manage import Accounts, IssuedKey
 from meterline.accounts.postgres import PostgresAccountStore
@@ -35,6 +37,7 @@ from meterline.lib.postgres import Database, open_database
 from meterline.lib.settings import (
     IngestSettings,
     KafkaSettings,
+    KeySettings,
     PipelineSettings,
     PostgresSettings,
     Settings,
@@ -146,11 +149,13 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture
-def settings(broker: EmbeddedBroker, tmp_path: Path) -> Settings:
-    """Settings with this test's own topics and group, and quick flushes."""
+def settings(broker: EmbeddedBroker, tmp_path: Path, postgres_url: str) -> Settings:
+    """Settings with this test's own topics and group, quick flushes, the run's database."""
     topic = unique("usage")
     return Settings(
         data_dir=tmp_path,
+        postgres=PostgresSettings(url=postgres_url),
+        keys=KeySettings(secret=SecretStr(TEST_SECRET.decode())),
         kafka=KafkaSettings(
             bootstrap_servers=broker.bootstrap_servers,
             topic=topic,
@@ -232,7 +237,8 @@ class UsageJson(TypedDict):
 
 @dataclass
 class Stack:
-    """Ingest + pipeline on the test broker and warehouse."""
+    """Ingest + pipeline on the test broker and warehouse; ingest checks keys, and
+    ``channel`` presents the session's service key (every account)."""
 
     settings: Settings
     warehouse: Warehouse
@@ -281,14 +287,20 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(settings: Settings, warehouse: Warehouse) -> AsyncIterator[Stack]:
+async def stack(
+    settings: Settings, warehouse: Warehouse, key_ring: KeyRing, service_key: IssuedKey
+) -> AsyncIterator[Stack]:
     await ensure_topics(settings.bootstrap_servers, settings.kafka)
     producer = await start_producer(settings.bootstrap_servers, settings.kafka)
     server = IngestServer(
-        producer, topic=settings.kafka.topic, rules=settings.events, settings=settings.grpc
+        producer,
+        topic=settings.kafka.topic,
+        rules=settings.events,
+        settings=settings.grpc,
+        auth=key_ring,
     )
     await server.start()
-    channel = grpc.aio.insecure_channel(server.address)
+    channel = key_channel(server.address, service_key.secret)
     running = Stack(settings, warehouse, channel, [])
     try:
         yield running

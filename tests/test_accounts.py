@@ -22,6 +22,7 @@ from meterline.accounts import (
     KeyRing,
     Unauthenticated,
 )
+from meterline.accounts.auth import SecretMismatch
 from meterline.accounts.keys import KeyHasher, read_key_id, server_secret
 from meterline.accounts.manage import Accounts, first_keys
 from meterline.accounts.postgres import PostgresAccountStore
@@ -201,7 +202,7 @@ def test_scopes_must_fit_the_kind(accounts: Accounts) -> None:
 
 def test_another_server_secret_refuses_to_start(database: Database) -> None:
     ring = KeyRing(PostgresAccountStore(database), KeyHasher(b"another-secret-of-32-bytes-000000"))
-    with pytest.raises(ValueError, match="METERLINE_KEYS_SECRET"):
+    with pytest.raises(SecretMismatch, match="METERLINE_KEYS_SECRET"):
         ring.load()
 
 

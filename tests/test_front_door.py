@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,6 +31,15 @@ class Up(NamedTuple):
     target: str  # the ingest gRPC address
     api: str
     kafka_port: int
+    banner: str
+    data_dir: Path
+
+    def key(self, kind: str) -> str:
+        """The key of ``kind`` that `meterline up` made on its first start."""
+        return str(json.loads((self.data_dir / "keys.json").read_text())[f"{kind}_key"])
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key('admin')}"}
 
 
 def broker_pid(port: int) -> int:
@@ -48,15 +59,15 @@ def running(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
-@pytest.fixture
-def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
-    """`meterline up` in a process group of its own; param True: SIGINT ignored,
-    as a shell script's ``meterline up &`` starts it."""
-    background = getattr(request, "param", False)
+@contextlib.contextmanager
+def start_up(data_dir: Path, *, background: bool = False) -> Iterator[Up]:
+    """`meterline up` in a process group of its own, on free ports; ``background``: SIGINT
+    ignored, as a shell script's ``meterline up &`` starts it."""
     grpc_port, http_port, kafka_port = free_port(), free_port(), free_port()
     env = os.environ | {
-        "METERLINE_DATA_DIR": str(tmp_path / "data"),
+        "METERLINE_DATA_DIR": str(data_dir),
         "METERLINE_KAFKA_EMBEDDED_PORT": str(kafka_port),
+        "METERLINE_POSTGRES_EMBEDDED_PORT": str(free_port()),
         "METERLINE_GRPC_PORT": str(grpc_port),
         "METERLINE_HTTP_PORT": str(http_port),
         "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": os.environ.get(
@@ -85,7 +96,8 @@ def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]
                 break
         text = "".join(banner)
         assert f"127.0.0.1:{grpc_port}" in text and f"http://127.0.0.1:{http_port}" in text, text
-        yield Up(process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}", kafka_port)
+        target, api = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+        yield Up(process, target, api, kafka_port, text, data_dir)
     finally:
         if process.poll() is None:
             process.kill()
@@ -93,10 +105,18 @@ def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]
         stdout.close()
 
 
-async def quietly(target: str) -> SentTotals:
-    """800 events of 4 accounts, the progress bar to nowhere."""
+@pytest.fixture
+def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    """`meterline up` on a new data directory; param True: started in the background."""
+    with start_up(tmp_path / "data", background=getattr(request, "param", False)) as up:
+        yield up
+
+
+async def quietly(up: Up) -> SentTotals:
+    """800 events of 4 accounts with the service key, the progress bar to nowhere."""
     return await simulate(
-        target,
+        up.target,
+        key=up.key("service"),
         rate=400,
         duration_s=2,
         accounts=4,
@@ -109,11 +129,11 @@ async def quietly(target: str) -> SentTotals:
 async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cleanly(
     meterline_up: Up,
 ) -> None:
-    process, target, api, _ = meterline_up
-    sent = await quietly(target)
+    process, api = meterline_up.process, meterline_up.api
+    sent = await quietly(meterline_up)
     assert sent.accepted == 800
 
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with httpx.AsyncClient(base_url=api, headers=meterline_up.admin()) as client:
         for account, picos in sent.per_account.items():
             deadline = time.monotonic() + 30
             while True:
@@ -150,7 +170,7 @@ async def test_ctrl_c_in_a_terminal_prices_what_kafka_holds_then_stops(
     slow_batches: None, meterline_up: Up
 ) -> None:
     """Ctrl-C signals the terminal's whole process group, the embedded broker's too."""
-    sent = await quietly(meterline_up.target)
+    sent = await quietly(meterline_up)
     assert sent.accepted == 800
     os.killpg(meterline_up.process.pid, signal.SIGINT)
     output, _ = meterline_up.process.communicate(timeout=60)
@@ -183,3 +203,33 @@ def test_sigint_stops_meterline_started_in_the_background(meterline_up: Up) -> N
     output, _ = meterline_up.process.communicate(timeout=60)
     assert meterline_up.process.returncode == 0, output
     assert "meterline stopped" in output
+
+
+async def test_first_keys_are_shown_once_and_the_store_outlives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The embedded PostgreSQL keeps accounts and keys; a second start makes no new keys."""
+    data_dir = tmp_path / "data"
+    with start_up(data_dir) as first:
+        admin, service = first.key("admin"), first.key("service")
+        assert admin in first.banner and service in first.banner
+        assert stat.S_IMODE((data_dir / "keys.json").stat().st_mode) == 0o600
+        async with httpx.AsyncClient(base_url=first.api) as client:
+            assert (await client.get("/v1/accounts")).status_code == 401
+            made = await client.post(
+                "/v1/accounts",
+                json={"account_id": "acme", "timezone": "Asia/Tokyo"},
+                headers=first.admin(),
+            )
+            assert made.status_code == 201, made.text
+            gateway = {"Authorization": f"Bearer {service}"}
+            assert (await client.get("/v1/accounts", headers=gateway)).status_code == 403
+        first.process.send_signal(signal.SIGTERM)
+        output, _ = first.process.communicate(timeout=60)
+        assert first.process.returncode == 0, output
+    with start_up(data_dir) as second:
+        assert "API keys made" not in second.banner and admin not in second.banner
+        assert second.key("admin") == admin
+        async with httpx.AsyncClient(base_url=second.api, headers=second.admin()) as client:
+            account = (await client.get("/v1/accounts/acme")).json()
+        assert (account["account_id"], account["timezone"]) == ("acme", "Asia/Tokyo")

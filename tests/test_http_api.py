@@ -1,9 +1,14 @@
-"""The HTTP API over the real warehouse (chDB): usage, catalog, health, errors."""
+"""The HTTP API over the real warehouse (chDB): usage, catalog, health, errors.
+
+Authentication is on, as in production: the clients present the admin key
+(who may do everything; who else may is tests/test_http_auth.py's matrix).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -14,7 +19,9 @@ from litestar.testing import AsyncTestClient
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import unique
+from conftest import bearer, unique
+from meterline.accounts import KeyRing
+from meterline.accounts.manage import Accounts, IssuedKey
 from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse import Warehouse, WarehouseError
 from meterline.lib.warehouse.base import Param, Value
@@ -28,8 +35,28 @@ Client = AsyncTestClient[Litestar]
 
 
 @pytest.fixture
-async def client(warehouse: Warehouse) -> AsyncIterator[Client]:
-    async with AsyncTestClient(app=create_app(warehouse)) as test_client:
+def make_app(key_ring: KeyRing, accounts: Accounts) -> Callable[..., Litestar]:
+    """``create_app`` with the tests' keys and accounts."""
+
+    def make(warehouse: Warehouse, **options: Any) -> Litestar:
+        return create_app(warehouse, auth=key_ring, accounts=accounts, **options)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def admin_client(app: Litestar, admin_key: IssuedKey) -> AsyncIterator[Client]:
+    """A client that presents the admin key with every request."""
+    async with AsyncTestClient(app=app) as test_client:
+        test_client.headers.update(bearer(admin_key))
+        yield test_client
+
+
+@pytest.fixture
+async def client(
+    warehouse: Warehouse, make_app: Callable[..., Litestar], admin_key: IssuedKey
+) -> AsyncIterator[Client]:
+    async with admin_client(make_app(warehouse), admin_key) as test_client:
         yield test_client
 
 
@@ -358,10 +385,12 @@ def _samples(text: str, family: str) -> dict[tuple[tuple[str, str], ...], float]
     return found
 
 
-async def test_metrics_count_requests_by_route_in_the_given_registry(warehouse: Warehouse) -> None:
+async def test_metrics_count_requests_by_route_in_the_given_registry(
+    warehouse: Warehouse, make_app: Callable[..., Litestar], admin_key: IssuedKey
+) -> None:
     registry = CollectorRegistry()
     Counter("meterline_other_part", "Another part of the process.", registry=registry).inc(3)
-    async with AsyncTestClient(app=create_app(warehouse, registry=registry)) as client:
+    async with admin_client(make_app(warehouse, registry=registry), admin_key) as client:
         await client.get("/v1/catalog/versions", params={"model": "nothing"})
         await client.get("/v1/accounts/a/usage", params={"from": "yesterday"})
         await client.get("/v1/accounts/b/usage", params={"from": "yesterday"})
@@ -377,9 +406,11 @@ async def test_metrics_count_requests_by_route_in_the_given_registry(warehouse: 
     assert "meterline_http_request_duration_seconds_bucket" in response.text
 
 
-async def test_metrics_can_be_closed(warehouse: Warehouse) -> None:
-    app = create_app(warehouse, settings=HttpSettings.model_validate({"metrics_public": False}))
-    async with AsyncTestClient(app=app) as client:
+async def test_metrics_can_be_closed(
+    warehouse: Warehouse, make_app: Callable[..., Litestar], admin_key: IssuedKey
+) -> None:
+    app = make_app(warehouse, settings=HttpSettings.model_validate({"metrics_public": False}))
+    async with admin_client(app, admin_key) as client:
         assert (await client.get("/metrics")).status_code == 404
         assert (await client.get("/healthz")).status_code == 200
 
@@ -407,10 +438,13 @@ class BrokenWarehouse:
 
 
 async def test_an_unexpected_error_is_a_500_with_a_logged_traceback(
-    warehouse: Warehouse, caplog: pytest.LogCaptureFixture
+    warehouse: Warehouse,
+    make_app: Callable[..., Litestar],
+    admin_key: IssuedKey,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     broken = BrokenWarehouse(warehouse, "price_versions", KeyError("spec_json"), down=False)
-    async with AsyncTestClient(app=create_app(broken)) as client:
+    async with admin_client(make_app(broken), admin_key) as client:
         response = await client.get("/v1/catalog/versions")
     assert response.status_code == 500
     assert response.json() == {"status_code": 500, "detail": "Internal Server Error"}
@@ -427,6 +461,8 @@ async def test_an_unexpected_error_is_a_500_with_a_logged_traceback(
 )
 async def test_only_a_warehouse_outage_is_a_503(
     warehouse: Warehouse,
+    make_app: Callable[..., Litestar],
+    admin_key: IssuedKey,
     caplog: pytest.LogCaptureFixture,
     down: bool,
     status: int,
@@ -434,7 +470,7 @@ async def test_only_a_warehouse_outage_is_a_503(
 ) -> None:
     error = WarehouseError("Code: 210. Connection refused" if down else "Code: 62. Syntax error")
     broken = BrokenWarehouse(warehouse, "price_versions", error, down=down)
-    async with AsyncTestClient(app=create_app(broken)) as client:
+    async with admin_client(make_app(broken), admin_key) as client:
         response = await client.get("/v1/catalog/prices")
         ready = await client.get("/readyz")
     assert (response.status_code, response.json()["detail"]) == (status, detail)

@@ -24,6 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from conftest import Stack, event, unique
+from meterline.accounts import Authenticator, KeyRing
+from meterline.accounts.directory import AccountDirectory
+from meterline.accounts.grpc import key_channel
+from meterline.accounts.manage import IssuedKey
 from meterline.lib.kafka import ensure_topics, free_port, start_producer
 from meterline.lib.logging import JsonFormatter, configure_logging
 from meterline.lib.metrics import CollectorRegistry, serve_metrics
@@ -119,34 +123,52 @@ class Limits(TypedDict, total=False):
     max_message_bytes: int
 
 
-@contextlib.asynccontextmanager
-async def own_ingest(
-    settings: Settings,
-    *,
-    registry: CollectorRegistry | None = None,
-    clock_ns: Callable[[], int] = time.time_ns,
-    **limits: Unpack[Limits],
-) -> AsyncIterator[tuple[grpc.aio.Channel, str]]:
-    """An IngestServer on the test's topic, as ``meterline ingest`` runs one: a channel
-    to it, and its address."""
-    await ensure_topics(settings.bootstrap_servers, settings.kafka)
-    producer = await start_producer(settings.bootstrap_servers, settings.kafka)
-    server = IngestServer(
-        producer,
-        topic=settings.kafka.topic,
-        rules=settings.events,
-        settings=IngestSettings(port=0, **limits),
-        registry=registry,
-        clock_ns=clock_ns,
-    )
-    await server.start()
-    channel = grpc.aio.insecure_channel(server.address)
-    try:
-        yield channel, server.address
-    finally:
-        await channel.close(grace=None)
-        await server.stop()
-        await producer.stop()
+class OwnIngest:
+    """Starts IngestServers of a test's own, checking keys with ``auth``; their
+    channels present ``key`` (None: no key)."""
+
+    def __init__(self, auth: Authenticator, key: str | None) -> None:
+        self.auth = auth
+        self.key = key
+
+    @contextlib.asynccontextmanager
+    async def __call__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+        directory: AccountDirectory | None = None,
+        **limits: Unpack[Limits],
+    ) -> AsyncIterator[tuple[grpc.aio.Channel, str]]:
+        """An IngestServer on the test's topic, as ``meterline ingest`` runs one: a
+        channel to it, and its address."""
+        await ensure_topics(settings.bootstrap_servers, settings.kafka)
+        producer = await start_producer(settings.bootstrap_servers, settings.kafka)
+        server = IngestServer(
+            producer,
+            topic=settings.kafka.topic,
+            rules=settings.events,
+            settings=IngestSettings(port=0, **limits),
+            auth=self.auth,
+            directory=directory,
+            registry=registry,
+            clock_ns=clock_ns,
+        )
+        await server.start()
+        channel = key_channel(server.address, self.key)
+        try:
+            yield channel, server.address
+        finally:
+            await channel.close(grace=None)
+            await server.stop()
+            await producer.stop()
+
+
+@pytest.fixture
+def own_ingest(key_ring: KeyRing, service_key: IssuedKey) -> OwnIngest:
+    """Ingest servers of the test's own, on the session's keys, as gateway."""
+    return OwnIngest(key_ring, service_key.secret)
 
 
 async def produced(settings: Settings, at_least: int) -> list[ConsumerRecord[bytes, bytes]]:
@@ -274,7 +296,7 @@ async def test_a_300_event_report_at_the_per_event_limits_is_taken(
 
 
 async def test_a_report_over_the_byte_limit_is_refused_with_the_setting_named(
-    settings: Settings, account_id: str
+    settings: Settings, own_ingest: OwnIngest, account_id: str
 ) -> None:
     limit = 64 * 1024
     events = [largest_event(account_id, settings.events) for _ in range(5)]  # ~85 KiB
@@ -291,7 +313,7 @@ async def test_a_report_over_the_byte_limit_is_refused_with_the_setting_named(
 
 
 async def test_a_stream_message_over_a_limit_is_rejected_event_by_event(
-    settings: Settings, account_id: str
+    settings: Settings, own_ingest: OwnIngest, account_id: str
 ) -> None:
     large = [largest_event(account_id, settings.events) for _ in range(5)]  # ~85 KiB
     messages = [
@@ -329,7 +351,7 @@ async def test_a_stream_message_over_a_limit_is_rejected_event_by_event(
 
 
 async def test_an_event_at_the_edge_of_max_past_stays_valid_against_the_record_timestamp(
-    settings: Settings, account_id: str
+    settings: Settings, own_ingest: OwnIngest, account_id: str
 ) -> None:
     rules = settings.events
     # now, with nanoseconds past the millisecond that ingest and the record keep
@@ -416,7 +438,7 @@ def scrape(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, 
 
 
 async def test_ingest_counts_rpcs_events_and_produce_time_on_its_metrics(
-    settings: Settings, account_id: str
+    settings: Settings, own_ingest: OwnIngest, account_id: str
 ) -> None:
     registry = CollectorRegistry()
     async with own_ingest(settings, registry=registry, max_events_per_request=3) as (channel, _):
@@ -452,7 +474,7 @@ async def test_ingest_counts_rpcs_events_and_produce_time_on_its_metrics(
 
 
 async def test_simulate_stops_cleanly_with_its_totals_when_ingest_goes_away(
-    settings: Settings,
+    settings: Settings, own_ingest: OwnIngest, service_key: IssuedKey
 ) -> None:
     output = io.StringIO()
     async with own_ingest(settings) as (_, target):
@@ -465,6 +487,7 @@ async def test_simulate_stops_cleanly_with_its_totals_when_ingest_goes_away(
                 batch_size=10,
                 seed=1,
                 console=Console(file=output, width=120),
+                key=service_key.secret,
             )
         )
         await asyncio.sleep(1.0)

@@ -149,6 +149,8 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "METERLINE_PIPELINE_MAX_BATCH_EVENTS": "400",
         "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": "50",
         "METERLINE_METRICS_PORT": "0",
+        "METERLINE_POSTGRES_URL": settings.postgres.url,
+        "METERLINE_KEYS_SECRET": settings.keys.secret.get_secret_value(),
         **extra,
     }
 

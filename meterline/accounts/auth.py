@@ -25,9 +25,20 @@ from meterline.accounts.keys import KeyHasher, read_key_id
 from meterline.accounts.model import ANYONE, Principal
 from meterline.accounts.store import AccountStore, StoredKey
 
-__all__ = ["Authenticator", "KeyRing", "OpenDoor", "Unauthenticated", "bearer_token"]
+__all__ = [
+    "Authenticator",
+    "KeyRing",
+    "OpenDoor",
+    "SecretMismatch",
+    "Unauthenticated",
+    "bearer_token",
+]
 
 log = logging.getLogger(__name__)
+
+
+class SecretMismatch(RuntimeError):
+    """This process's server secret is not the one the stored keys were hashed with."""
 
 
 class Unauthenticated(Exception):
@@ -84,9 +95,9 @@ class KeyRing:
         return self._generation
 
     def load(self) -> KeyRing:
-        """Check the server secret, then read every key. Raises ValueError on another secret."""
+        """Check the server secret, then read every key."""
         if not self.store.check_secret(self.hasher.secret_check()):
-            raise ValueError(
+            raise SecretMismatch(
                 "the API keys were made under another server secret: set "
                 "METERLINE_KEYS_SECRET to the one every replica uses"
             )

@@ -240,6 +240,9 @@ class PostgresAccountStore:
             {"ids": list(last_used), "ats": list(last_used.values())},
         )
 
+    def answers(self) -> bool:
+        return self.database.answers()
+
     def check_secret(self, check: bytes) -> bool:
         rows = self._rows(
             """UPDATE key_ring SET secret_check = coalesce(secret_check, %(check)s)

@@ -92,6 +92,10 @@ class AccountStore(Protocol):
         """Move ``last_used_at`` forward, one statement for all the keys."""
         ...
 
+    def answers(self) -> bool:
+        """Whether the store can be reached now (readiness)."""
+        ...
+
     def check_secret(self, check: bytes) -> bool:
         """Whether the keys were hashed under the secret whose check this is (the
         first process to ask records it)."""

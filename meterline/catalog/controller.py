@@ -19,6 +19,7 @@ from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.params import JSONBody, QueryParameter, SkipValidation
 from litestar.status_codes import HTTP_201_CREATED
 
+from meterline.accounts.http import ACCESS_ERRORS, KEY_REQUIRED, admin_only, any_key
 from meterline.catalog.book import PriceBook
 from meterline.catalog.catalog import model_key, parse_price
 from meterline.catalog.pricing import PriceVersion
@@ -33,7 +34,7 @@ from meterline.catalog.schemas import (
 __all__ = ["CatalogController"]
 
 #: What each route can answer besides success (documented in the OpenAPI).
-_ERRORS = [ValidationException, ServiceUnavailableException]
+_ERRORS = [*ACCESS_ERRORS, ValidationException, ServiceUnavailableException]
 
 ModelFilter = Annotated[
     str | None,
@@ -53,8 +54,9 @@ class CatalogController(Controller):
 
     path = "/v1/catalog"
     tags = ("catalog",)
+    security = KEY_REQUIRED
 
-    @get("/prices", summary="Prices in force", raises=_ERRORS)
+    @get("/prices", summary="Prices in force", guards=[any_key], raises=_ERRORS)
     async def current_prices(
         self,
         price_book: NamedDependency[SkipValidation[PriceBook]],
@@ -73,7 +75,7 @@ class CatalogController(Controller):
         versions = _matching(catalog.current(moment), model, provider)
         return [PriceVersionOut.of(v) for v in versions]
 
-    @get("/versions", summary="Every price version", raises=_ERRORS)
+    @get("/versions", summary="Every price version", guards=[any_key], raises=_ERRORS)
     async def price_versions(
         self,
         price_book: NamedDependency[SkipValidation[PriceBook]],
@@ -84,7 +86,13 @@ class CatalogController(Controller):
         catalog = await asyncio.to_thread(price_book.load)
         return [PriceVersionOut.of(v) for v in _matching(catalog.versions, model, provider)]
 
-    @post("/prices", summary="Add a price version", status_code=HTTP_201_CREATED, raises=_ERRORS)
+    @post(
+        "/prices",
+        summary="Add a price version",
+        guards=[admin_only],
+        status_code=HTTP_201_CREATED,
+        raises=_ERRORS,
+    )
     async def add_price(
         self, price_book: NamedDependency[SkipValidation[PriceBook]], data: JSONBody[PriceIn]
     ) -> AddedPriceVersion:

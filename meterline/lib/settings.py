@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from meterline.accounts.model import MAX_ACCOUNT_ID_LENGTH
 from meterline.money import MAX_TOKEN_COUNT
 
 
@@ -193,7 +194,12 @@ class EventRules(BaseSettings):
         le=MAX_TOKEN_COUNT,  # the bound that keeps every cost and sum inside its column
         description="Larger token counts in one request are rejected as absurd.",
     )
-    max_id_length: int = Field(128, description="Longest event, account and API key id.")
+    max_id_length: int = Field(
+        MAX_ACCOUNT_ID_LENGTH,
+        ge=1,
+        le=MAX_ACCOUNT_ID_LENGTH,  # every account an event names can be registered
+        description="Longest event, account and API key id.",
+    )
     max_name_length: int = Field(256, description="Longest model and provider name.")
     max_provider_usage_bytes: int = Field(16_384, description="Largest raw provider usage.")
 

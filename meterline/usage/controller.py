@@ -16,6 +16,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.params import FromPath, QueryParameter, SkipValidation
 
+from meterline.accounts.http import ACCESS_ERRORS, KEY_REQUIRED, reads_account
 from meterline.catalog.schemas import instant_parameter
 from meterline.usage.report import DIMENSIONS, Dimension, UsageReport, month_start
 from meterline.usage.schemas import UsageReportOut
@@ -31,11 +32,13 @@ class UsageController(Controller):
 
     path = "/v1/accounts"
     tags = ("usage",)
+    security = KEY_REQUIRED
 
     @get(
         "/{account_id:str}/usage",
         summary="Usage and cost of an account",
-        raises=[ValidationException, ServiceUnavailableException],
+        guards=[reads_account],
+        raises=[*ACCESS_ERRORS, ValidationException, ServiceUnavailableException],
     )
     async def account_usage(
         self,

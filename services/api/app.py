@@ -1,17 +1,22 @@
 """The HTTP API (Litestar): the slices' controllers, composed, plus health and metrics.
 
 Each slice keeps its routes beside it (:mod:`meterline.usage.controller`,
-:mod:`meterline.catalog.controller`); this module wires them to one
-warehouse: dependencies by name, one exception-handler table, request
-metrics, ``/healthz``, ``/readyz`` and ``/metrics``.
+:mod:`meterline.catalog.controller`, :mod:`meterline.accounts.controller`);
+this module wires them to one warehouse and one accounts store:
+dependencies by name, one exception-handler table, request metrics,
+authentication (:mod:`meterline.accounts.http`), ``/healthz``, ``/readyz``
+and ``/metrics``. Every route needs an API key except those, ``/`` and the
+OpenAPI.
 
 Every error is JSON ``{"status_code", "detail", "extra"?}``. A request that
 does not fit its schema is a 400 whose ``detail`` names each field
 (``rates.input: ...; tiers[0].above_input_tokens: ...``) and whose
 ``extra`` lists them as ``{"key", "message", "source"}``; a value the
-domain refuses (``ValueError``) is a 400 with the domain's message; a
-warehouse that does not answer is a 503; anything else is a 500, logged
-with its traceback.
+domain refuses (``ValueError``) is a 400 with the domain's message; no
+valid key is a 401, a key that may not is a 403; a missing account or key
+is a 404, an account that exists already a 409; a warehouse or an accounts
+store that does not answer is a 503; anything else is a 500, logged with
+its traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, cast
 
 import msgspec
 import pydantic
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, SerializationException, ValidationException
@@ -36,6 +41,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import ParameterKwarg, SkipValidation
 from litestar.status_codes import (
     HTTP_400_BAD_REQUEST,
+    HTTP_404_NOT_FOUND,
+    HTTP_409_CONFLICT,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -44,8 +51,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client import generate_latest as prometheus_text
 from pydantic import BaseModel
 
+from meterline.accounts import AccountExists, AccountNotFound, Authenticator, KeyNotFound
+from meterline.accounts.controller import AccountController, KeyController
+from meterline.accounts.http import BEARER_COMPONENTS, OPEN, BearerAuthentication
+from meterline.accounts.manage import Accounts
 from meterline.catalog import PriceBook
 from meterline.catalog.controller import CatalogController
+from meterline.lib.postgres import PostgresError
 from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse.base import Warehouse, WarehouseError, answers
 from meterline.usage.controller import UsageController, UsageQuery
@@ -183,6 +195,20 @@ def _unavailable(request: Request[Any, Any, Any], exc: WarehouseUnavailable) -> 
     return _error(HTTP_503_SERVICE_UNAVAILABLE, "warehouse unavailable")
 
 
+def _store_unavailable(request: Request[Any, Any, Any], exc: PostgresError) -> Response[Any]:
+    log.warning("%s %s: account store unavailable: %s", request.method, request.url.path, exc)
+    return _error(HTTP_503_SERVICE_UNAVAILABLE, "account store unavailable")
+
+
+def _not_found(_: Request[Any, Any, Any], exc: LookupError) -> Response[Any]:
+    """An account or key that is not there (only keys that may see it get this far)."""
+    return _error(HTTP_404_NOT_FOUND, str(exc))
+
+
+def _conflict(_: Request[Any, Any, Any], exc: AccountExists) -> Response[Any]:
+    return _error(HTTP_409_CONFLICT, str(exc))
+
+
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     """Litestar's own answers (404, 405, ...) in the same shape as ours."""
     extra = exc.extra if isinstance(exc.extra, list) else []
@@ -200,6 +226,10 @@ EXCEPTION_HANDLERS: Mapping[int | type[Exception], Callable[..., Response[Any]]]
     ValidationException: _invalid,
     HTTPException: _http_error,  # before ValueError: NotFoundException is one too
     WarehouseUnavailable: _unavailable,
+    PostgresError: _store_unavailable,
+    AccountNotFound: _not_found,
+    KeyNotFound: _not_found,
+    AccountExists: _conflict,  # a ValueError too: the nearest entry in its MRO wins
     # a schema failing inside our own code is a bug, not the client's mistake
     pydantic.ValidationError: _internal_error,
     msgspec.ValidationError: _internal_error,
@@ -239,6 +269,9 @@ class _RequestMetrics(ASGIMiddleware):
 
         try:
             await next_app(scope, receive, send_and_note)
+        except HTTPException as exc:  # raised by a middleware inside; answered outside
+            status = exc.status_code
+            raise
         finally:
             route = scope.get("path_template") or "unmatched"
             self.duration.labels(route).observe(time.perf_counter() - started)
@@ -246,18 +279,31 @@ class _RequestMetrics(ASGIMiddleware):
             self.requests.labels(route, method, str(status)).inc()
 
 
-@get("/healthz", summary="Liveness", tags=["operations"])
+@get("/healthz", summary="Liveness", tags=["operations"], exclude_from_auth=True)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: the warehouse answers", tags=["operations"])
-async def readyz(warehouse: NamedDependency[SkipValidation[Warehouse]]) -> Response[dict[str, str]]:
+@get(
+    "/readyz",
+    summary="Readiness: the warehouse and the account store answer",
+    tags=["operations"],
+    exclude_from_auth=True,
+)
+async def readyz(
+    warehouse: NamedDependency[SkipValidation[Warehouse]],
+    accounts: NamedDependency[SkipValidation[Accounts]],
+) -> Response[dict[str, str]]:
     try:
         await asyncio.to_thread(warehouse.query, "SELECT 1 AS ok")
     except WarehouseError as exc:
         return Response(
             {"status": "unavailable", "detail": str(exc)}, status_code=HTTP_503_SERVICE_UNAVAILABLE
+        )
+    if not await asyncio.to_thread(accounts.store.answers):
+        return Response(
+            {"status": "unavailable", "detail": "the account store (PostgreSQL) does not answer"},
+            status_code=HTTP_503_SERVICE_UNAVAILABLE,
         )
     return Response({"status": "ready", "warehouse": warehouse.name})
 
@@ -266,19 +312,27 @@ async def readyz(warehouse: NamedDependency[SkipValidation[Warehouse]]) -> Respo
 _PROMETHEUS_TEXT = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
 
 
-@get("/metrics", summary="Prometheus metrics", tags=["operations"], media_type=MediaType.TEXT)
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    tags=["operations"],
+    media_type=MediaType.TEXT,
+    exclude_from_auth=True,
+)
 async def prometheus_metrics(
     registry: NamedDependency[SkipValidation[CollectorRegistry]],
 ) -> Response[bytes]:
     return Response(prometheus_text(registry), media_type=_PROMETHEUS_TEXT)
 
 
-@get("/", summary="Index", tags=["operations"])
+@get("/", summary="Index", tags=["operations"], exclude_from_auth=True)
 async def index() -> dict[str, str]:
     return {
         "service": "meterline",
         "usage": "/v1/accounts/{account_id}/usage?from=...&to=...&group_by=model",
         "catalog": "/v1/catalog/prices",
+        "accounts": "/v1/accounts",
+        "keys": "/v1/keys",
         "openapi": "/schema",
     }
 
@@ -291,13 +345,21 @@ def _constant(value: object) -> Provide:
 def create_app(
     warehouse: Warehouse,
     *,
+    auth: Authenticator,
+    accounts: Accounts,
     registry: CollectorRegistry | None = None,
     settings: HttpSettings | None = None,
 ) -> Litestar:
-    """The API over one warehouse.
+    """The API over one warehouse and one accounts store.
 
     Args:
         warehouse: Where usage and prices are read and written.
+        auth: Who presents a key: the process's
+            :class:`~meterline.accounts.KeyRing`, or
+            :class:`~meterline.accounts.OpenDoor` with authentication off.
+        accounts: Accounts and keys, managed under ``/v1/accounts`` and
+            ``/v1/keys``; keys it issues or revokes take effect in ``auth``
+            at once when it holds the same ring.
         registry: Where the API counts its requests, served at ``/metrics`` with
             whatever else the process registered there. Default: a new one.
         settings: The process's HTTP settings; default: the defaults.
@@ -306,7 +368,15 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     store = cast(Warehouse, _OutageAware(warehouse))
     usage_query: UsageQuery = functools.partial(usage_report, store)
-    handlers: list[Any] = [UsageController, CatalogController, healthz, readyz, index]
+    handlers: list[Any] = [
+        UsageController,
+        CatalogController,
+        AccountController,
+        KeyController,
+        healthz,
+        readyz,
+        index,
+    ]
     if metrics_public:
         handlers.append(prometheus_metrics)
     return Litestar(
@@ -316,10 +386,18 @@ def create_app(
             "price_book": _constant(PriceBook(store)),
             "usage_query": _constant(usage_query),
             "registry": _constant(registry),
+            "accounts": _constant(accounts),
         },
         exception_handlers=dict(EXCEPTION_HANDLERS),
-        middleware=[_RequestMetrics(registry)],
+        # outermost first: a request refused for its key is counted too
+        middleware=[_RequestMetrics(registry), BearerAuthentication(auth)],
         request_class=_ApiRequest,
-        openapi_config=OpenAPIConfig(title="meterline", version="1.0.0"),
+        openapi_config=OpenAPIConfig(
+            title="meterline",
+            version="1.0.0",
+            components=BEARER_COMPONENTS,
+            # the schema is public, as the operations routes are
+            openapi_router=Router("/schema", route_handlers=[], opt={OPEN: True}),
+        ),
         logging_config=None,  # the process configures logging once (services.cli)
     )

@@ -16,6 +16,12 @@ Each message is validated whole, against one instant, before any of it is
 produced; the records carry that instant (to the millisecond) as their
 timestamp, and the pricing pipeline validates against it again, so both
 judge lateness alike. The stream's promise is in ``ingest.proto``.
+
+Every call but health and reflection presents an API key (see
+:mod:`meterline.accounts.grpc`): admin and service keys may report, and
+each event is taken only for an account its key may act for. With
+``METERLINE_ACCOUNTS_UNKNOWN=reject`` an event of an account nobody created
+is rejected too; by default it is taken and the pipeline registers the account.
 """
 
 from __future__ import annotations
@@ -36,16 +42,32 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
+from meterline.accounts.auth import Authenticator
+from meterline.accounts.directory import AccountDirectory
+from meterline.accounts.grpc import AuthInterceptor, current_principal
+from meterline.accounts.model import KeyKind, Principal
 from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.settings import EventRules, IngestSettings
 from meterline.tokens import TOKEN_FIELDS
 from meterline.usage import InvalidEvent, UsageEvent, UsageRecord, validate
-from meterline.usage.validation import UndecodableEvent, decode_events
+from meterline.usage.validation import RULES, UndecodableEvent, decode_events
 from meterline.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+#: Who may report usage: gateways and admins. An account key only reads its own usage.
+REPORTERS = frozenset({KeyKind.ADMIN, KeyKind.SERVICE})
+#: Why ingest rejects an event beyond the event's own rules (validation's RULES):
+#: its stream message is over a limit, its key may not act for its account, or
+#: (unknown accounts refused) its account does not exist. With RULES, the values
+#: of the events metric's ``reason`` label.
+INGEST_RULES = (
+    "message_too_large",
+    "message_too_many_events",
+    "account_not_allowed",
+    "unknown_account",
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_GRPC_MESSAGE = 2**31 - 1  # gRPC's lengths are int32
 _T = TypeVar("_T")
@@ -94,11 +116,14 @@ class IngestMetrics:
         self.events = Counter(
             "meterline_ingest_events",
             "Events answered for: accepted (Kafka confirmed them), or rejected, by the first "
-            "rule they break (meterline.usage.validation.RULES), or message_too_large and "
-            "message_too_many_events for a stream message over a limit.",
+            "rule they break (meterline.usage.validation.RULES), or one of ingest's own: "
+            + ", ".join(INGEST_RULES)
+            + ".",
             ("outcome", "reason"),
             registry=registry,
         )
+        for rule in (*RULES, *INGEST_RULES):  # every series from the start: rate() sees a 0
+            self.events.labels("rejected", rule)
         self.produce_seconds = Histogram(
             "meterline_ingest_produce_seconds",
             "From the first send of a request's (or stream message's) accepted events to "
@@ -127,15 +152,18 @@ class IngestService:
         max_events_per_request: int,
         max_message_bytes: int,
         registry: CollectorRegistry,
+        directory: AccountDirectory | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
-        """``clock_ns`` gives now in nanoseconds since the epoch (tests set it)."""
+        """``directory``: reject events of accounts it does not know; None takes them.
+        ``clock_ns`` gives now in nanoseconds since the epoch (tests set it)."""
         self.producer = producer
         self.topic = topic
         self.rules = rules
         self.max_events = max_events_per_request
         self.max_bytes = max_message_bytes
         self.metrics = IngestMetrics(registry)
+        self.directory = directory
         self.clock_ns = clock_ns
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -274,36 +302,58 @@ class IngestService:
         first_index: int,
         context: grpc.aio.ServicerContext[ReadMessage, object],
     ) -> list[ingest_pb2.EventResult]:
-        """Validate every event, then produce the accepted ones and wait for Kafka."""
+        """Validate every event, check its account, then produce the accepted ones and
+        wait for Kafka."""
         # One instant for the message, in whole milliseconds as the record's
         # timestamp holds it: the pipeline's check against that timestamp then
         # judges exactly as this one, even for an event at a bound.
         now_ms = self.clock_ns() // 1_000_000
         now = _EPOCH + timedelta(milliseconds=now_ms)
+        principal = current_principal()
         results: list[ingest_pb2.EventResult] = []
         broken: Tally[str] = Tally()
-        accepted: list[tuple[bytes, bytes]] = []
+        valid: list[tuple[ingest_pb2.EventResult, _Record]] = []
         for offset, event in enumerate(events):
             result = ingest_pb2.EventResult(event_id=event.event_id, index=first_index + offset)
-            problem: InvalidEvent | None = None
-            if isinstance(event, UndecodableEvent):
-                problem = event
-            else:
-                try:
-                    record = validate(event, now=now, rules=self.rules)
-                except InvalidEvent as exc:
-                    problem = exc
-                else:
-                    result.accepted = True
-                    accepted.append((record.account_id.encode(), _value(event, record)))
-            if problem is not None:
-                result.reason = str(problem)
-                broken[problem.rule] += 1
             results.append(result)
-        if accepted:
-            await self._produce(accepted, now_ms, context)
+            checked = _check(event, principal, now, self.rules)
+            if isinstance(checked, InvalidEvent):
+                result.reason = str(checked)
+                broken[checked.rule] += 1
+            else:
+                valid.append((result, checked))
+        if self.directory is not None and valid:
+            known = await self._known({record.account_id for _, record in valid}, context)
+            for result, record in valid:
+                if record.account_id not in known:
+                    result.reason = (
+                        f"unknown account {record.account_id}: create it first "
+                        "(or set METERLINE_ACCOUNTS_UNKNOWN=register)"
+                    )
+                    broken["unknown_account"] += 1
+            valid = [(result, record) for result, record in valid if not result.reason]
+        for result, _ in valid:
+            result.accepted = True
+        if valid:
+            records = [(r.account_id.encode(), r.value) for _, r in valid]
+            await self._produce(records, now_ms, context)
         self.metrics.answered(results, broken)
         return results
+
+    async def _known(
+        self, account_ids: set[str], context: grpc.aio.ServicerContext[ReadMessage, object]
+    ) -> set[str]:
+        """The accounts of ``account_ids`` that exist; UNAVAILABLE if that cannot be told."""
+        assert self.directory is not None
+        try:
+            return await self.directory.known(account_ids)
+        except Exception as exc:  # the store is unreachable: the gateway retries the report
+            log.warning("cannot look up %d accounts: %s", len(account_ids), exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot tell which accounts exist ({exc!r}); retry the report, events are "
+                "deduplicated by event_id",
+            )
 
     async def _produce(
         self,
@@ -337,6 +387,31 @@ class IngestService:
             )
 
 
+class _Record(NamedTuple):
+    """A checked event as it goes to Kafka: its key (the account) and value."""
+
+    account_id: str
+    value: bytes
+
+
+def _check(
+    event: UsageEvent | UndecodableEvent, principal: Principal, now: datetime, rules: EventRules
+) -> _Record | InvalidEvent:
+    """The event's record, or why it is rejected: its own rules, then its key's scope."""
+    if isinstance(event, UndecodableEvent):
+        return event
+    try:
+        record = validate(event, now=now, rules=rules)
+    except InvalidEvent as exc:
+        return exc
+    if not principal.may_act_for(record.account_id):
+        return InvalidEvent(
+            f"this key may not report usage for account {record.account_id}",
+            rule="account_not_allowed",
+        )
+    return _Record(record.account_id, _value(event, record))
+
+
 def _value(event: UsageEvent, record: UsageRecord) -> bytes:
     """The record value: the event, with the counts its provider usage object gave."""
     if record.provider_usage_json and not any(getattr(event, n) for n in TOKEN_FIELDS):
@@ -360,16 +435,24 @@ class IngestServer:
         topic: str,
         rules: EventRules,
         settings: IngestSettings,
+        auth: Authenticator,
+        directory: AccountDirectory | None = None,
         registry: CollectorRegistry | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
-        """``registry`` gets ingest's metrics; None: one of its own, served by nobody."""
+        """``auth`` tells who presents each call's key (``OpenDoor`` when
+        METERLINE_AUTH=off). ``directory``: with METERLINE_ACCOUNTS_UNKNOWN=reject,
+        the accounts that exist; None takes events of any account. ``registry``
+        gets ingest's metrics; None: one of its own, served by nobody."""
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         # Messages a little over the limit are still read, so that each of their
         # events is answered for (see StreamUsage); gRPC ends the call beyond.
         receive = min(2 * settings.max_message_bytes, _MAX_GRPC_MESSAGE)
         self.server = grpc.aio.server(
+            interceptors=[
+                AuthInterceptor(auth, allowed={SERVICE_NAME: REPORTERS}, registry=self.registry)
+            ],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[("grpc.max_receive_message_length", receive)],
         )
@@ -380,6 +463,7 @@ class IngestServer:
             max_events_per_request=settings.max_events_per_request,
             max_message_bytes=settings.max_message_bytes,
             registry=self.registry,
+            directory=directory,
             clock_ns=clock_ns,
         ).add_to(self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
