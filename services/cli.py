@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meterline: bad configuration:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(log_settings.format, logging.DEBUG if args.verbose else logging.INFO)
-    for noisy in ("aiokafka", "kafka"):
+    for noisy in ("aiokafka", "kafka", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args))

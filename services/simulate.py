@@ -255,5 +255,7 @@ def _report(console: Console, totals: SentTotals, run_tag: str, elapsed: float) 
         console.print(
             f"Accounts are sim-{run_tag}-000 .. ; the busiest, {account}, should cost "
             f"${format_usd(picos)}:\n"
-            f"  curl 'http://127.0.0.1:8000/v1/accounts/{account}/usage?group_by=model'"
+            '  curl -H "Authorization: Bearer $ADMIN" '
+            f"'http://127.0.0.1:8000/v1/accounts/{account}/usage?group_by=model'\n"
+            "(ADMIN: the admin key, e.g. from <data dir>/keys.json)"
         )
