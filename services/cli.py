@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -22,6 +22,11 @@ from meterline.accounts.manage import Accounts
 from meterline.catalog import PriceBook
 from meterline.lib.logging import configure_logging
 from meterline.lib.settings import LogSettings, Settings
+from meterline.quotas.plans import PlanVersion
+from meterline.quotas.store import PlanNotFound, PlanStore
+
+if TYPE_CHECKING:
+    from meterline.lib.postgres import Database
 
 
 def _run_service(main: Callable[[Settings, asyncio.Event], Coroutine[Any, Any, None]]) -> int:
@@ -216,21 +221,28 @@ def cmd_reprice(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _accounts() -> Iterator[Accounts]:
-    """The account store of the configured PostgreSQL (embedded: that of a running
-    ``meterline up``), with keys hashed under this installation's server secret."""
-    from meterline.accounts.auth import SecretMismatch
-    from meterline.accounts.keys import KeyHasher, server_secret
-    from meterline.accounts.postgres import PostgresAccountStore
+def _database(settings: Settings) -> Iterator[Database]:
+    """The configured PostgreSQL, migrated (embedded: that of a running ``meterline up``)."""
     from meterline.lib.postgres import PostgresError, open_database
 
-    settings = Settings()
     try:
         database = open_database(settings.postgres_url, settings.postgres)
     except PostgresError as exc:
         hint = " (is `meterline up` running?)" if settings.embedded_postgres else ""
         raise PostgresError(f"{exc}{hint}") from exc
     with database:
+        yield database
+
+
+@contextlib.contextmanager
+def _accounts() -> Iterator[Accounts]:
+    """The account store, with keys hashed under this installation's server secret."""
+    from meterline.accounts.auth import SecretMismatch
+    from meterline.accounts.keys import KeyHasher, server_secret
+    from meterline.accounts.postgres import PostgresAccountStore
+
+    settings = Settings()
+    with _database(settings) as database:
         store = PostgresAccountStore(database)
         hasher = KeyHasher(
             server_secret(settings.keys.secret.get_secret_value(), settings.data_dir)
@@ -360,6 +372,94 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _plans() -> Iterator[PlanStore]:
+    """The plan store of the configured PostgreSQL."""
+    from meterline.quotas.postgres import PostgresPlanStore
+
+    with _database(Settings()) as database:
+        yield PostgresPlanStore(database)
+
+
+def _invalid(what: str, exc: ValidationError, whole: str) -> ValueError:
+    """The arguments' problems, each with its field (``limits.spend_per_month_usd``);
+    ``whole`` names the argument when the problem is all of it."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or whole}: {e['msg']}" for e in exc.errors()
+    )
+    return ValueError(f"invalid {what}: {problems}")
+
+
+def _print_plans(plans: list[PlanVersion]) -> None:
+    from meterline.money import format_usd
+
+    print(f"{'plan':<24} {'version':>7} {'billing':<9} {'multiplier':>10} {'fee':>10}  name")
+    for p in plans:
+        print(
+            f"{p.plan_id:<24} {p.version:>7} {p.billing:<9} {format_usd(p.price_multiplier):>10} "
+            f"{format_usd(p.request_fee_usd):>10}  {p.name}"
+        )
+
+
+def cmd_plans_create(args: argparse.Namespace) -> int:
+    """Through the API's own body schema: the same rules, the same field names."""
+    from meterline.quotas.schemas import PlanIn, PlanVersionOut
+
+    try:
+        plan = PlanIn.model_validate(json.loads(args.json))
+    except ValidationError as exc:
+        raise _invalid("plan", exc, "--json") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid plan: --json is not JSON ({exc})") from None
+    with _plans() as plans:
+        made = plans.add_version(plan)
+    _print_json(PlanVersionOut.of(made).model_dump(mode="json"))
+    return 0
+
+
+def cmd_plans_list(args: argparse.Namespace) -> int:
+    with _plans() as plans:
+        _print_plans(plans.plans())
+    return 0
+
+
+def cmd_plans_versions(args: argparse.Namespace) -> int:
+    with _plans() as plans:
+        _print_plans(plans.versions(args.plan_id))
+    return 0
+
+
+def cmd_plans_assign(args: argparse.Namespace) -> int:
+    from meterline.quotas.schemas import AssignmentIn, AssignmentOut
+
+    fields = {"plan_id": args.plan_id, "version": args.version, "effective_from": args.start}
+    try:
+        wanted = AssignmentIn.model_validate(fields)
+    except ValidationError as exc:
+        raise _invalid("assignment", exc, "arguments") from None
+    with _plans() as plans:
+        assigned = plans.assign(
+            args.account_id,
+            wanted.plan_id,
+            wanted.version,
+            wanted.effective_from or datetime.now(UTC),
+            "cli",
+        )
+    _print_json(AssignmentOut.of(assigned).model_dump(mode="json"))
+    return 0
+
+
+def cmd_plans_show(args: argparse.Namespace) -> int:
+    from meterline.quotas.schemas import AccountPlanOut
+
+    with _plans() as plans:
+        found = plans.plan_of(args.account_id, datetime.now(UTC))
+    if found is None:
+        raise PlanNotFound(f"no plan assigned to account {args.account_id!r}")
+    _print_json(AccountPlanOut.of(*found).model_dump(mode="json"))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from meterline.lib.warehouse.schema import schema_sql
 
@@ -458,6 +558,34 @@ def build_parser() -> argparse.ArgumentParser:
     krevoke.add_argument("key_id")
     krevoke.set_defaults(func=cmd_keys_revoke)
 
+    plans = sub.add_parser("plans", help="create plan versions, put accounts on them")
+    psub = plans.add_subparsers(dest="plans_command", required=True)
+    pcreate = psub.add_parser("create", help="a plan's next version (1 for a new plan)")
+    pcreate.add_argument(
+        "--json",
+        required=True,
+        help='the version, e.g. \'{"plan_id": "pro", "limits": {"requests_per_minute": 600, '
+        '"spend_per_month_usd": "500.00"}, "price_multiplier": "1.25"}\'; money as strings',
+    )
+    pcreate.set_defaults(func=cmd_plans_create)
+    psub.add_parser("list", help="the latest version of each plan").set_defaults(
+        func=cmd_plans_list
+    )
+    pversions = psub.add_parser("versions", help="every version of a plan, oldest first")
+    pversions.add_argument("plan_id")
+    pversions.set_defaults(func=cmd_plans_versions)
+    passign = psub.add_parser("assign", help="put an account on a plan, now or from an instant")
+    passign.add_argument("account_id")
+    passign.add_argument("plan_id")
+    passign.add_argument("--version", type=int, help="default: the plan's latest")
+    passign.add_argument(
+        "--from", dest="start", help="ISO 8601 instant it takes effect (default: now)"
+    )
+    passign.set_defaults(func=cmd_plans_assign)
+    pshow = psub.add_parser("show", help="the plan an account is on now")
+    pshow.add_argument("account_id")
+    pshow.set_defaults(func=cmd_plans_show)
+
     catalog = sub.add_parser("catalog", help="list, add or import prices")
     csub = catalog.add_subparsers(dest="catalog_command", required=True)
     lst = csub.add_parser("list", help="prices in force (or --all versions)")
@@ -508,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except (AccountNotFound, KeyNotFound) as exc:
+    except (AccountNotFound, KeyNotFound, PlanNotFound) as exc:
         print(f"meterline: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 1
     except (AccountExists, ValueError) as exc:  # the arguments: fix and run again

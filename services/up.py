@@ -32,6 +32,8 @@ from meterline.lib.postgres import Database, open_database
 from meterline.lib.postgres.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, open_warehouse
+from meterline.quotas.postgres import PostgresPlanStore
+from meterline.quotas.store import PlanStore
 from services.api.app import create_app
 
 if TYPE_CHECKING:
@@ -190,11 +192,13 @@ def postgres(settings: Settings, stack: Stack) -> Iterator[Database]:
 
 @dataclass
 class Access:
-    """Who may ask: the authenticator every server checks keys with, and the accounts."""
+    """Who may ask: the authenticator every server checks keys with, the accounts, and
+    the plans they are on."""
 
     auth: Authenticator
     accounts: Accounts
     ring: KeyRing
+    plans: PlanStore
 
 
 @contextlib.asynccontextmanager
@@ -219,7 +223,7 @@ async def access(settings: Settings, database: Database) -> AsyncIterator[Access
     stop = asyncio.Event()
     refreshing = asyncio.create_task(ring.run(stop))
     try:
-        yield Access(auth, Accounts(store, ring.hasher, ring), ring)
+        yield Access(auth, Accounts(store, ring.hasher, ring), ring, PostgresPlanStore(database))
     finally:
         stop.set()
         await refreshing
@@ -250,6 +254,7 @@ class ApiServer:
                     wh,
                     auth=access.auth,
                     accounts=access.accounts,
+                    plans=access.plans,
                     registry=registry,
                     settings=settings.http,
                 ),

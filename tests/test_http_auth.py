@@ -28,8 +28,11 @@ from conftest import bearer, unique
 from meterline.accounts import KeyKind, KeyRing
 from meterline.accounts.keys import new_key
 from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.lib.postgres import Database
 from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse import Warehouse
+from meterline.quotas.plans import PlanTerms
+from meterline.quotas.postgres import PostgresPlanStore
 from services.api.app import create_app
 
 Client = AsyncTestClient[Litestar]
@@ -62,6 +65,11 @@ POLICY: dict[tuple[str, str], Route] = {
     ("GET", "/v1/catalog/prices"): Route(Policy.ANY_KEY, 200),
     ("GET", "/v1/catalog/versions"): Route(Policy.ANY_KEY, 200),
     ("POST", "/v1/catalog/prices"): Route(Policy.ADMIN, 201),
+    ("GET", "/v1/plans"): Route(Policy.ADMIN, 200),
+    ("POST", "/v1/plans"): Route(Policy.ADMIN, 201),
+    ("GET", "/v1/plans/{plan_id}/versions"): Route(Policy.ADMIN, 200),
+    ("POST", "/v1/accounts/{account_id}/plan"): Route(Policy.ADMIN, 201, missing=404),
+    ("GET", "/v1/accounts/{account_id}/plan"): Route(Policy.READS_ACCOUNT, 200, missing=404),
 }
 #: Routes anyone may call; so may OPTIONS (Litestar's answer: the methods, nothing else).
 OPEN = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
@@ -135,10 +143,12 @@ class Cast:
     key_ids: dict[str, str]
     #: a key the revoke route may revoke, again and again
     revocable: str
+    #: a plan account A is on
+    plan_id: str
 
 
 @pytest.fixture(scope="module")
-def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing) -> Cast:
+def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: Database) -> Cast:
     now = datetime.now(UTC)
     names = {"A": unique("matrix-a"), "B": unique("matrix-b"), "C": unique("matrix-absent")}
     accounts.store.create_account(names["A"])
@@ -154,9 +164,18 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing) -> Cast:
     }
     accounts.revoke_key(issued["revoked"].key.key_id)
     revocable = accounts.issue_key(KeyKind.SERVICE, name="matrix revocable").key.key_id
+    plans = PostgresPlanStore(database)
+    plan_id = plans.add_version(PlanTerms(plan_id=unique("matrix-plan"))).plan_id
+    plans.assign(names["A"], plan_id, None, now, "matrix")
     # the API's own ring, two hours on: the key that expires in one has expired
     ring = KeyRing(key_ring.store, key_ring.hasher, clock=lambda: now + timedelta(hours=2))
-    app = create_app(warehouse, auth=ring.load(), accounts=accounts, registry=CollectorRegistry())
+    app = create_app(
+        warehouse,
+        auth=ring.load(),
+        accounts=accounts,
+        plans=plans,
+        registry=CollectorRegistry(),
+    )
     authorization: dict[str, str | None] = {
         "no key": None,
         "malformed": "Bearer not-a-key",
@@ -164,7 +183,7 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing) -> Cast:
     }
     authorization |= {who: bearer(key)["Authorization"] for who, key in issued.items()}
     key_ids = {who: key.key.key_id for who, key in issued.items()}
-    return Cast(app, names, authorization, key_ids, revocable)
+    return Cast(app, names, authorization, key_ids, revocable, plan_id)
 
 
 @pytest.fixture
@@ -184,6 +203,8 @@ BODIES: dict[tuple[str, str], Callable[[Cast], Any]] = {
         "effective_from": "2026-01-01T00:00:00Z",
         "rates": {"input": "1", "output": "2"},
     },
+    ("POST", "/v1/plans"): lambda cast: {"plan_id": cast.plan_id},
+    ("POST", "/v1/accounts/{account_id}/plan"): lambda cast: {"plan_id": cast.plan_id},
 }
 QUERIES = {("GET", "/v1/catalog/versions"): {"model": "gpt-4.1-mini"}}
 
@@ -192,6 +213,7 @@ async def call(client: Client, cast: Cast, cell: Cell) -> Any:
     url = cell.path.format(
         account_id=cast.accounts[cell.account] if cell.account else None,
         key_id=cast.revocable,
+        plan_id=cast.plan_id,
     )
     header = cast.authorization[cell.presenter]
     body = BODIES.get((cell.method, cell.path))
@@ -273,7 +295,7 @@ async def test_open_routes_answer_without_a_key(client: Client, cast: Cast) -> N
 
 async def test_options_answers_without_a_key_and_tells_nothing(client: Client, cast: Cast) -> None:
     for path in sorted({path for _, path in POLICY}):
-        url = path.format(account_id=cast.accounts["C"], key_id="k")
+        url = path.format(account_id=cast.accounts["C"], key_id="k", plan_id="p")
         response = await client.options(url)
         assert response.status_code == 204, (url, response.text)
         # Litestar 2.25 lists only some of a route's methods: what matters is the empty body

@@ -29,7 +29,9 @@ __all__ = [
     "MAX_MULTIPLIER",
     "MAX_SPEND_CAP_USD",
     "Limits",
+    "PlanId",
     "PlanLimits",
+    "PlanTerms",
     "PlanVersion",
     "TokenBasis",
     "model_matches",
@@ -46,6 +48,8 @@ MAX_TOKEN_CAP = 10**15
 
 Count = Annotated[int, Field(ge=1, le=10**12)]
 TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_CAP)]
+#: What a plan is named by, in the API, the CLI and the store.
+PlanId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
 def _usd(value: object, *, what: str, bound: Decimal) -> Decimal:
@@ -123,20 +127,19 @@ def model_matches(pattern: str, model: str) -> bool:
     return fnmatch.fnmatchcase(model_key(model), model_key(pattern))
 
 
-class PlanVersion(BaseModel):
-    """One version of a plan: its limits and its sell price."""
+class PlanTerms(BaseModel):
+    """What a plan version says, its limits and its sell price, before the store numbers
+    it: what an admin writes (the API's body, the CLI's ``--json``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    plan_id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
-    version: Annotated[int, Field(ge=1)] = 1
+    plan_id: PlanId
     name: Annotated[str, Field(max_length=256)] = ""
     limits: PlanLimits = PlanLimits()
     price_multiplier: Decimal = Decimal(1)
     request_fee_usd: Decimal = Decimal(0)
     #: prepaid: the balance gates requests (credits); postpaid: statements bill later
     billing: Literal["postpaid", "prepaid"] = "postpaid"
-    created_at: datetime | None = None
 
     @field_validator("price_multiplier", mode="before")
     @classmethod
@@ -150,6 +153,13 @@ class PlanVersion(BaseModel):
     @classmethod
     def _fee(cls, value: object) -> Decimal:
         return _usd(value, what="request_fee_usd", bound=MAX_REQUEST_FEE_USD)
+
+
+class PlanVersion(PlanTerms):
+    """One version of a plan: its terms, numbered by the store (1, 2, ...) when added."""
+
+    version: Annotated[int, Field(ge=1)] = 1
+    created_at: datetime | None = None
 
     def charge_picos(self, cost_picos: int) -> int:
         """What the account pays for a request whose provider cost is ``cost_picos``:

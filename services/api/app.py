@@ -1,8 +1,9 @@
 """The HTTP API (Litestar): the slices' controllers, composed, plus health and metrics.
 
 Each slice keeps its routes beside it (:mod:`meterline.usage.controller`,
-:mod:`meterline.catalog.controller`, :mod:`meterline.accounts.controller`);
-this module wires them to one warehouse and one accounts store:
+:mod:`meterline.catalog.controller`, :mod:`meterline.accounts.controller`,
+:mod:`meterline.quotas.controller`); this module wires them to one warehouse,
+one accounts store and, when given, one plan store:
 dependencies by name, one exception-handler table, request metrics,
 authentication (:mod:`meterline.accounts.http`), ``/healthz``, ``/readyz``
 and ``/metrics``. Every route needs an API key except those, ``/`` and the
@@ -13,8 +14,8 @@ does not fit its schema is a 400 whose ``detail`` names each field
 (``rates.input: ...; tiers[0].above_input_tokens: ...``) and whose
 ``extra`` lists them as ``{"key", "message", "source"}``; a value the
 domain refuses (``ValueError``) is a 400 with the domain's message; no
-valid key is a 401, a key that may not is a 403; a missing account or key
-is a 404, an account that exists already a 409; a warehouse or an accounts
+valid key is a 401, a key that may not is a 403; a missing account, key or
+plan is a 404, an account that exists already a 409; a warehouse or an accounts
 store that does not answer is a 503; anything else is a 500, logged with
 its traceback.
 """
@@ -60,6 +61,8 @@ from meterline.catalog.controller import CatalogController
 from meterline.lib.postgres import PostgresError
 from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse.base import Warehouse, WarehouseError, answers
+from meterline.quotas.controller import AccountPlanController, PlanController
+from meterline.quotas.store import PlanNotFound, PlanStore
 from meterline.usage.controller import UsageController, UsageQuery
 from meterline.usage.report import usage_report
 
@@ -201,7 +204,7 @@ def _store_unavailable(request: Request[Any, Any, Any], exc: PostgresError) -> R
 
 
 def _not_found(_: Request[Any, Any, Any], exc: LookupError) -> Response[Any]:
-    """An account or key that is not there (only keys that may see it get this far)."""
+    """An account, key or plan that is not there (only keys that may see it get this far)."""
     return _error(HTTP_404_NOT_FOUND, str(exc))
 
 
@@ -229,6 +232,7 @@ EXCEPTION_HANDLERS: Mapping[int | type[Exception], Callable[..., Response[Any]]]
     PostgresError: _store_unavailable,
     AccountNotFound: _not_found,
     KeyNotFound: _not_found,
+    PlanNotFound: _not_found,
     AccountExists: _conflict,  # a ValueError too: the nearest entry in its MRO wins
     # a schema failing inside our own code is a bug, not the client's mistake
     pydantic.ValidationError: _internal_error,
@@ -347,6 +351,7 @@ def create_app(
     *,
     auth: Authenticator,
     accounts: Accounts,
+    plans: PlanStore | None = None,
     registry: CollectorRegistry | None = None,
     settings: HttpSettings | None = None,
 ) -> Litestar:
@@ -360,6 +365,9 @@ def create_app(
         accounts: Accounts and keys, managed under ``/v1/accounts`` and
             ``/v1/keys``; keys it issues or revokes take effect in ``auth``
             at once when it holds the same ring.
+        plans: Plan versions and the accounts' assignments, under ``/v1/plans``
+            and ``/v1/accounts/{account_id}/plan``; without it those routes
+            are not mounted.
         registry: Where the API counts its requests, served at ``/metrics`` with
             whatever else the process registered there. Default: a new one.
         settings: The process's HTTP settings; default: the defaults.
@@ -377,17 +385,21 @@ def create_app(
         readyz,
         index,
     ]
+    dependencies = {
+        "warehouse": _constant(store),
+        "price_book": _constant(PriceBook(store)),
+        "usage_query": _constant(usage_query),
+        "registry": _constant(registry),
+        "accounts": _constant(accounts),
+    }
+    if plans is not None:
+        handlers += [PlanController, AccountPlanController]
+        dependencies["plans"] = _constant(plans)
     if metrics_public:
         handlers.append(prometheus_metrics)
     return Litestar(
         route_handlers=handlers,
-        dependencies={
-            "warehouse": _constant(store),
-            "price_book": _constant(PriceBook(store)),
-            "usage_query": _constant(usage_query),
-            "registry": _constant(registry),
-            "accounts": _constant(accounts),
-        },
+        dependencies=dependencies,
         exception_handlers=dict(EXCEPTION_HANDLERS),
         # outermost first: a request refused for its key is counted too
         middleware=[_RequestMetrics(registry), BearerAuthentication(auth)],
