@@ -39,8 +39,9 @@ __all__ = [
 
 #: A sell price is at most 1,000 times the provider's cost.
 MAX_MULTIPLIER = Decimal(1_000)
-#: The largest spend cap, per day or month: far above any account, and with
-#: its counters (pico-dollars) well inside Redis's 64-bit integers.
+#: The largest spend cap, per day or month: far above any account. Its counters
+#: are kept as whole dollars plus pico-dollars below one (meterline.quotas.engine),
+#: exact in Lua's doubles up to this bound and beyond.
 MAX_SPEND_CAP_USD = Decimal(1_000_000_000)
 #: The largest token cap per day or month (a month at the per-request bound
 #: every second is far less); counters stay inside 64-bit integers.
