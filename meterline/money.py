@@ -25,6 +25,14 @@ writes are subsets of them) and as many output tokens, so it costs at most
 that fits a signed 64-bit integer (9.22 × 10**18), and 10**12 such events
 sum to about 2 × 10**18 dollars, 19 integer digits of the 26 a
 ``Decimal(38, 12)`` holds (PostgreSQL ``NUMERIC`` holds more).
+
+What the account pays, ``charge_usd``, is that cost times a plan's multiplier
+(at most 1,000) plus its fee (at most $1,000):
+``meterline.quotas.plans.MAX_CHARGE_PICOS``, about 2.001 × 10**21
+pico-dollars ($2,001,001,000) an event. That needs Python's integers (not
+64 bits), and 10**12 such charges sum to about 2 × 10**21 dollars, 22 integer
+digits of the 26: each row, each rollup minute's sum and the reports' sums
+(taken in ``Decimal256``) still fit.
 """
 
 from __future__ import annotations

@@ -208,14 +208,36 @@ def _moment(text: str) -> datetime:
 
 def cmd_reprice(args: argparse.Namespace) -> int:
     from meterline.lib.warehouse import open_warehouse
+    from meterline.quotas.charges import ChargeBook
+    from meterline.quotas.postgres import PostgresPlanStore
     from pipelines.repricing.job import reprice_unpriced
 
-    result = reprice_unpriced(
-        open_warehouse(Settings()), _moment(args.start), _moment(args.end), args.account or ()
-    )
+    settings = Settings()
+    with contextlib.ExitStack() as stack:
+        if settings.embedded_postgres and not settings.clickhouse.url:
+            # The embedded chDB is this process's only while `meterline up` is stopped, and
+            # so is the embedded PostgreSQL: start it for the run.
+            from meterline.lib.postgres.embedded import EmbeddedPostgres
+
+            stack.enter_context(
+                EmbeddedPostgres(
+                    settings.data_dir / "postgres",
+                    settings.postgres.embedded_port,
+                    log_path=settings.data_dir / "postgres.log",
+                )
+            )
+        database = stack.enter_context(_database(settings))
+        result = reprice_unpriced(  # charged by the plans in force, as the pipeline charges
+            open_warehouse(settings),
+            _moment(args.start),
+            _moment(args.end),
+            args.account or (),
+            plans=ChargeBook(PostgresPlanStore(database)),
+        )
     print(
         f"repricing run {result.run_id}: {result.examined} unpriced events examined, "
-        f"{result.repriced} priced, ${result.cost_added_usd} added"
+        f"{result.repriced} priced, ${result.cost_added_usd} added "
+        f"(${result.charge_added_usd} charged)"
     )
     return 0
 

@@ -356,11 +356,16 @@ def pricing_pipeline(
     *,
     registry: CollectorRegistry,
 ) -> PricingPipeline:
-    """The pipeline with its flush handlers: accounts first seen are registered."""
+    """The pipeline with its flush handlers (accounts first seen are registered) and the
+    accounts' plans, which set what each event charges."""
+    from meterline.quotas.charges import ChargeBook
     from pipelines.pricing.pipeline import PricingPipeline
 
     handlers = [AccountRegistrar(access.accounts.store)]
-    return PricingPipeline(settings, wh, bootstrap, handlers=handlers, registry=registry)
+    plans = ChargeBook(access.plans)
+    return PricingPipeline(
+        settings, wh, bootstrap, handlers=handlers, plans=plans, registry=registry
+    )
 
 
 async def up(settings: Settings, stop: asyncio.Event) -> None:

@@ -45,6 +45,7 @@ from meterline.lib.settings import (
 from meterline.lib.warehouse import Warehouse
 from meterline.lib.warehouse.chdb import ChdbWarehouse
 from meterline.lib.warehouse.schema import migrate
+from meterline.usage.model import PlanBook
 from meterline.usage.report import usage_report
 from meterline.usage.store import FlushHandler
 from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
@@ -221,6 +222,7 @@ class UsageTotalsJson(TypedDict):
     output_tokens: int
     reasoning_tokens: int
     cost_usd: str
+    charge_usd: str
 
 
 class UsageJson(TypedDict):
@@ -249,9 +251,15 @@ class Stack:
     def ingest(self) -> ingest_pb2_grpc.IngestServiceAsyncStub:
         return ingest_pb2_grpc.IngestServiceStub(self.channel)
 
-    def start_pipeline(self, handlers: Sequence[FlushHandler] = ()) -> PricingPipeline:
+    def start_pipeline(
+        self, handlers: Sequence[FlushHandler] = (), plans: PlanBook | None = None
+    ) -> PricingPipeline:
         pipeline = PricingPipeline(
-            self.settings, self.warehouse, self.settings.bootstrap_servers, handlers=handlers
+            self.settings,
+            self.warehouse,
+            self.settings.bootstrap_servers,
+            handlers=handlers,
+            plans=plans,
         )
         stop = asyncio.Event()
         self.pipelines.append((pipeline, stop, asyncio.create_task(pipeline.run(stop))))

@@ -98,7 +98,9 @@ async def test_a_pipeline_killed_mid_batch_and_restarted_gives_the_same_totals(
     await stack.eventually(lambda: second.metrics.consumed >= 40, timeout_s=30)
 
     # 40 × (1,000 × $0.40 + 100 × $1.60) per million, once each, in every answer
-    assert consistent_totals(stack.warehouse, [account_id]) == {account_id: (40, "0.0224")}
+    assert consistent_totals(stack.warehouse, [account_id]) == {
+        account_id: (40, "0.0224", "0.0224")
+    }
     # the replay hands the handlers every event once, with its stored price
     assert sorted(e.event_id for e in handler.events) == sorted(e.event_id for e in events)
     assert sum(e.cost_picos for e in handler.events) == 22_400_000_000
@@ -124,7 +126,7 @@ async def test_rebalancing_instances_count_every_event_once(stack: Stack) -> Non
     for account in accounts:
         await stack.wait_for_requests(account, sent // len(accounts))
     totals = consistent_totals(stack.warehouse, accounts)
-    assert sum(n for n, _ in totals.values()) == sent
+    assert sum(n for n, _, _ in totals.values()) == sent
 
 
 async def test_a_second_write_of_the_same_events_changes_no_answer(
@@ -140,7 +142,7 @@ async def test_a_second_write_of_the_same_events_changes_no_answer(
     store.insert_priced(handler.events)  # the same events, stored again behind the dedupe check
     store.insert_priced(handler.events[:2])
 
-    assert consistent_totals(stack.warehouse, [account_id]) == {account_id: (5, "2")}
+    assert consistent_totals(stack.warehouse, [account_id]) == {account_id: (5, "2", "2")}
 
 
 async def test_a_warehouse_outage_pauses_the_pipeline_and_loses_nothing(

@@ -61,8 +61,16 @@ async def client(
 
 
 def event(
-    account: str, at: datetime, model: str, cost: str, *, tokens: int = 100, priced: bool = True
+    account: str,
+    at: datetime,
+    model: str,
+    cost: str,
+    *,
+    tokens: int = 100,
+    priced: bool = True,
+    charge: str | None = None,
 ) -> PricedEvent:
+    """A stored event; ``charge`` (default: the cost) as a plan would have set it."""
     return PricedEvent(
         account_id=account,
         event_id=unique("ev"),
@@ -81,6 +89,9 @@ def event(
         provider_usage_json="",
         kafka_partition=0,
         kafka_offset=0,
+        charge_picos=usd_to_picos(Decimal(cost if charge is None else charge)),
+        plan_id="" if charge is None else "pro",
+        plan_version=0 if charge is None else 1,
     )
 
 
@@ -93,7 +104,13 @@ def account_with_usage(warehouse: Warehouse) -> str:
             event(
                 account, datetime(2026, 11, 2, 9, 15, tzinfo=UTC), "gpt-4.1-mini", "0.000000037500"
             ),
-            event(account, datetime(2026, 11, 2, 9, 59, 59, 999000, tzinfo=UTC), "gpt-4.1", "1.25"),
+            event(
+                account,
+                datetime(2026, 11, 2, 9, 59, 59, 999000, tzinfo=UTC),
+                "gpt-4.1",
+                "1.25",
+                charge="1.5635",
+            ),
             event(account, datetime(2026, 11, 3, 0, 0, tzinfo=UTC), "gpt-4.1-mini", "0.1"),
             event(account, datetime(2026, 11, 3, 1, 0, tzinfo=UTC), "mystery", "0", priced=False),
             event(account, datetime(2026, 12, 1, 0, 0, tzinfo=UTC), "gpt-4.1", "9"),  # next month
@@ -117,11 +134,16 @@ async def test_usage_totals_and_groups(client: Client, account_with_usage: str) 
     assert body["totals"]["unpriced_requests"] == 1
     assert body["totals"]["input_tokens"] == 400
     assert body["totals"]["cost_usd"] == "1.3500000375"
-    assert [(g["day"], g["model"], g["requests"], g["cost_usd"]) for g in body["groups"]] == [
-        ("2026-11-02", "gpt-4.1", 1, "1.25"),
-        ("2026-11-02", "gpt-4.1-mini", 1, "0.0000000375"),
-        ("2026-11-03", "gpt-4.1-mini", 1, "0.1"),
-        ("2026-11-03", "mystery", 1, "0"),
+    assert body["totals"]["charge_usd"] == "1.6635000375"
+    groups = [
+        (g["day"], g["model"], g["requests"], g["cost_usd"], g["charge_usd"])
+        for g in body["groups"]
+    ]
+    assert groups == [
+        ("2026-11-02", "gpt-4.1", 1, "1.25", "1.5635"),
+        ("2026-11-02", "gpt-4.1-mini", 1, "0.0000000375", "0.0000000375"),
+        ("2026-11-03", "gpt-4.1-mini", 1, "0.1", "0.1"),
+        ("2026-11-03", "mystery", 1, "0", "0"),
     ]
 
 
@@ -143,6 +165,11 @@ async def test_rollup_and_raw_events_agree(client: Client, account_with_usage: s
     assert first["source"] == last["source"] == "usage_events"
     assert rolled["totals"]["cost_usd"] == "1.2500000375"
     assert (first["totals"]["cost_usd"], last["totals"]["cost_usd"]) == ("0.0000000375", "1.25")
+    assert rolled["totals"]["charge_usd"] == "1.5635000375"
+    assert (first["totals"]["charge_usd"], last["totals"]["charge_usd"]) == (
+        "0.0000000375",
+        "1.5635",
+    )
     assert rolled["totals"]["requests"] == first["totals"]["requests"] + last["totals"]["requests"]
     assert cut["totals"]["requests"] == 1  # the end is exclusive, to the millisecond
 
@@ -164,7 +191,7 @@ async def test_usage_errors_are_json_with_a_reason(client: Client) -> None:
 async def test_an_account_without_usage_has_zero_totals(client: Client) -> None:
     body = (await client.get(f"/v1/accounts/{unique('nobody')}/usage")).json()
     assert body["totals"]["requests"] == 0
-    assert body["totals"]["cost_usd"] == "0"
+    assert body["totals"]["cost_usd"] == body["totals"]["charge_usd"] == "0"
     assert body["groups"] == []
 
 

@@ -22,17 +22,22 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from datetime import UTC
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from conftest import event, unique
+from meterline.accounts.manage import Accounts
 from meterline.catalog import Catalog, PriceBook, seed_versions
 from meterline.lib.kafka import ensure_topics, start_producer
+from meterline.lib.postgres import Database
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse
+from meterline.quotas.plans import PlanTerms, PlanVersion
+from meterline.quotas.postgres import PostgresPlanStore
 from meterline.v1 import usage_pb2
 from services.simulate import Gateway, token_usage
 from support.chaos import PipelineFleet, havoc
@@ -44,23 +49,29 @@ SESSION_TIMEOUT_S = 3.0
 
 
 class Expected:
-    """What was sent, per account: requests and pico-dollars, priced as the pipeline will."""
+    """What was sent, per account: requests, cost and charge in pico-dollars, priced as
+    the pipeline will (``plans``: the accounts on a plan, all of the run)."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, plans: Mapping[str, PlanVersion] | None = None) -> None:
         self.catalog = catalog
+        self.plans = dict(plans or {})
         self.requests: dict[str, int] = defaultdict(int)
         self.picos: dict[str, int] = defaultdict(int)
+        self.charged: dict[str, int] = defaultdict(int)
 
     def add(self, e: usage_pb2.UsageEvent) -> None:
         price = self.catalog.price_for(e.model, e.provider, e.occurred_at.ToDatetime(UTC))
+        cost = price.cost(token_usage(e)).picos if price else 0
+        plan = self.plans.get(e.account_id)
         self.requests[e.account_id] += 1
-        self.picos[e.account_id] += price.cost(token_usage(e)).picos if price else 0
+        self.picos[e.account_id] += cost
+        self.charged[e.account_id] += plan.charge_picos(cost) if plan and price else cost
 
-    def totals(self) -> dict[str, tuple[int, str]]:
-        return {
-            a: (n, str(Decimal(self.picos[a]).scaleb(-12).normalize()))
-            for a, n in self.requests.items()
-        }
+    def totals(self) -> dict[str, tuple[int, str, str]]:
+        def usd(picos: int) -> str:
+            return str(Decimal(picos).scaleb(-12).normalize())
+
+        return {a: (n, usd(self.picos[a]), usd(self.charged[a])) for a, n in self.requests.items()}
 
 
 async def produce(settings: Settings, gateway: Gateway, expected: Expected, count: int) -> None:
@@ -156,10 +167,23 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 async def test_instances_killed_and_frozen_on_the_server_path_count_each_event_once(
-    clickhouse_url: str, warehouse: Warehouse, settings: Settings, tmp_path: Path
+    clickhouse_url: str,
+    warehouse: Warehouse,
+    settings: Settings,
+    tmp_path: Path,
+    accounts: Accounts,
+    database: Database,
 ) -> None:
     gateway = Gateway(accounts=12, seed=11, run_tag=unique("havoc"))
-    expected = Expected(PriceBook(warehouse).load())
+    # the busiest account pays a sell price: its charge must survive the havoc too
+    planned = gateway.accounts[0]
+    accounts.store.create_account(planned)
+    store = PostgresPlanStore(database)
+    plan = store.add_version(
+        PlanTerms(plan_id=unique("havoc"), price_multiplier="1.333333", request_fee_usd="0.0001")
+    )
+    store.assign(planned, plan.plan_id, plan.version, datetime(2000, 1, 1, tzinfo=UTC), "test")
+    expected = Expected(PriceBook(warehouse).load(), {planned: plan})
     env = env_for(settings, METERLINE_CLICKHOUSE_URL=clickhouse_url)
 
     await run_havoc(settings, env, 2, tmp_path, expected, gateway)
@@ -184,7 +208,7 @@ async def test_an_embedded_instance_killed_and_frozen_counts_each_event_once(
         check=True,
         timeout=120,
     )
-    totals = {a: (n, cost) for a, (n, cost) in json.loads(counted.stdout).items()}
+    totals = {a: (n, cost, charge) for a, (n, cost, charge) in json.loads(counted.stdout).items()}
     assert totals == expected.totals()
 
 
@@ -192,4 +216,4 @@ def test_expected_totals_follow_the_catalog() -> None:
     """The expectation itself: gpt-4.1-mini at $0.40 in, $1.60 out, $0.10 cache read."""
     expected = Expected(Catalog(seed_versions()))
     expected.add(event("a", input_tokens=1_000_000, cached_input_tokens=500_000, output_tokens=10))
-    assert expected.totals() == {"a": (1, "0.250016")}
+    assert expected.totals() == {"a": (1, "0.250016", "0.250016")}

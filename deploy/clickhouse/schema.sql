@@ -245,3 +245,27 @@ SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, mo
 FROM usage_events FINAL
 
 GROUP BY account_id, minute, model, provider;
+
+
+-- migration 5: what the account pays (charge_usd) and which plan version priced it
+
+ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS charge_usd Decimal(38, 12) DEFAULT cost_usd AFTER cost_usd;
+
+ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS plan_id String DEFAULT '' AFTER charge_usd;
+
+ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS plan_version UInt32 DEFAULT 0 AFTER plan_id;
+
+ALTER TABLE usage_minutely ADD COLUMN IF NOT EXISTS charge_usd Decimal(38, 12) DEFAULT cost_usd AFTER cost_usd;
+
+-- only where this returns a row: SELECT 1 FROM usage_minutely LIMIT 1
+
+INSERT INTO usage_minutely
+    (account_id, minute, model, provider, requests, unpriced_requests,
+     input_tokens, cached_input_tokens, cache_write_5m_tokens, cache_write_1h_tokens, output_tokens, reasoning_tokens, cost_usd, charge_usd, latency_ms_sum, counted_at)
+SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
+    count() AS requests, countIf(priced = 0) AS unpriced_requests,
+    sum(input_tokens) AS input_tokens, sum(cached_input_tokens) AS cached_input_tokens, sum(cache_write_5m_tokens) AS cache_write_5m_tokens, sum(cache_write_1h_tokens) AS cache_write_1h_tokens, sum(output_tokens) AS output_tokens, sum(reasoning_tokens) AS reasoning_tokens, sum(cost_usd) AS cost_usd, sum(charge_usd) AS charge_usd, sum(latency_ms) AS latency_ms_sum,
+    now64(6) AS counted_at
+FROM usage_events FINAL
+
+GROUP BY account_id, minute, model, provider;

@@ -23,7 +23,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from meterline.catalog.catalog import model_key
-from meterline.money import MAX_REQUEST_FEE_USD, MAX_TOKEN_COUNT, to_decimal, usd_to_picos
+from meterline.money import (
+    MAX_REQUEST_FEE_USD,
+    MAX_TOKEN_COUNT,
+    PICOS_PER_USD,
+    WAREHOUSE_INTEGER_DIGITS,
+    to_decimal,
+    usd_to_picos,
+)
 
 __all__ = [
     "MAX_MULTIPLIER",
@@ -178,4 +185,9 @@ def _largest_charge() -> int:
 
 
 MAX_CHARGE_PICOS = _largest_charge()
+#: Events whose charges a sum must hold: as many as the cost bound allows for (money.py).
+_SUMMED_EVENTS = 10**12
+# 10**12 charges at the bound are about 2 × 10**21 dollars: 22 integer digits of the 26 a
+# Decimal(38, 12) holds, so no row, rollup minute or total of charge_usd can overflow.
+assert len(str(MAX_CHARGE_PICOS * _SUMMED_EVENTS // PICOS_PER_USD)) <= WAREHOUSE_INTEGER_DIGITS
 assert MAX_TOKEN_COUNT * 2 < MAX_TOKEN_CAP  # a single request fits every token cap's range

@@ -8,7 +8,7 @@ which psycopg reads as :class:`~decimal.Decimal`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from meterline.accounts.model import AccountNotFound
 from meterline.lib.postgres import Database
 from meterline.quotas.plans import PlanTerms, PlanVersion
-from meterline.quotas.store import Assignment, PlanNotFound
+from meterline.quotas.store import Assignment, PlanHistory, PlanNotFound, in_force
 
 __all__ = ["PostgresPlanStore"]
 
@@ -157,18 +157,22 @@ class PostgresPlanStore:
         return _assignment(rows[0])
 
     def plan_of(self, account_id: str, at: datetime) -> tuple[Assignment, PlanVersion] | None:
+        return in_force(self.histories([account_id])[account_id], at)
+
+    def histories(self, account_ids: Collection[str]) -> dict[str, PlanHistory]:
         rows = self._rows(
             """SELECT a.account_id, plan_id, version, a.effective_from, a.assigned_at,
                       a.assigned_by, p.name, p.limits, p.price_multiplier, p.request_fee_usd,
                       p.billing, p.created_at
             FROM account_plans a JOIN plan_versions p USING (plan_id, version)
-            WHERE a.account_id = %(account)s AND a.effective_from <= %(at)s
-            ORDER BY a.effective_from DESC LIMIT 1""",
-            {"account": account_id, "at": at},
+            WHERE a.account_id = ANY(%(accounts)s)
+            ORDER BY a.account_id, a.effective_from""",
+            {"accounts": list(account_ids)},
         )
-        if not rows:
-            return None
-        return _assignment(rows[0]), _plan(rows[0])
+        found: dict[str, list[tuple[Assignment, PlanVersion]]] = {a: [] for a in account_ids}
+        for row in rows:
+            found[row["account_id"]].append((_assignment(row), _plan(row)))
+        return dict(found)
 
     def assignments(self, account_id: str) -> list[Assignment]:
         rows = self._rows(

@@ -6,13 +6,15 @@ Blocking: async callers use ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from meterline.quotas.plans import PlanTerms, PlanVersion
 
-__all__ = ["Assignment", "PlanNotFound", "PlanStore"]
+__all__ = ["Assignment", "PlanHistory", "PlanNotFound", "PlanStore", "in_force"]
 
 
 class PlanNotFound(LookupError):
@@ -30,6 +32,17 @@ class Assignment:
     assigned_at: datetime
     #: "cli", or "api:<key id>": who put the account on the plan
     assigned_by: str
+
+
+#: An account's assignments, each with its plan version, oldest ``effective_from`` first.
+PlanHistory = Sequence[tuple[Assignment, PlanVersion]]
+
+
+def in_force(history: PlanHistory, at: datetime) -> tuple[Assignment, PlanVersion] | None:
+    """The assignment in force at ``at``: the latest one from ``at`` or before; None
+    before the first. The one definition: the store and every cache of it pick so."""
+    index = bisect.bisect_right(history, at, key=lambda entry: entry[0].effective_from)
+    return history[index - 1] if index else None
 
 
 class PlanStore(Protocol):
@@ -75,6 +88,11 @@ class PlanStore(Protocol):
     def plan_of(self, account_id: str, at: datetime) -> tuple[Assignment, PlanVersion] | None:
         """The assignment in force at ``at`` and its plan version; None before the
         account's first assignment (or for an account that does not exist)."""
+        ...
+
+    def histories(self, account_ids: Collection[str]) -> dict[str, PlanHistory]:
+        """Each account's assignments with their plan versions, in one round trip;
+        an account never assigned has an empty history."""
         ...
 
     def assignments(self, account_id: str) -> list[Assignment]:

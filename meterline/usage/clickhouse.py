@@ -46,6 +46,7 @@ _EVENT_SELECT = ", ".join(
         "received_at": "toUnixTimestamp64Milli(received_at) AS received_ms",
         "priced_at": "toUnixTimestamp64Micro(priced_at) AS priced_us",
         "cost_usd": "toString(cost_usd) AS cost",
+        "charge_usd": "toString(charge_usd) AS charge",
     }.get(c, c)
     for c in USAGE_EVENT_COLUMNS
 )
@@ -95,6 +96,9 @@ def _rows(events: Sequence[PricedEvent], priced_at: datetime) -> list[tuple[Valu
             e.kafka_offset,
             e.provider_usage_json,
             priced_at,
+            picos_to_usd(e.charge_picos),
+            e.plan_id,
+            e.plan_version,
         )
         for e in events
     ]
@@ -123,6 +127,9 @@ def _event(row: dict[str, Any]) -> PricedEvent:
         provider_usage_json=row["provider_usage_json"],
         kafka_partition=int(row["kafka_partition"]),
         kafka_offset=int(row["kafka_offset"]),
+        charge_picos=usd_to_picos(Decimal(row["charge"])),
+        plan_id=row["plan_id"],
+        plan_version=int(row["plan_version"]),
     )
 
 
@@ -228,6 +235,7 @@ class ClickHouseUsageStore:
                 unpriced_requests=int(row["unpriced_requests"]),
                 **{c: int(row[c]) for c in TOKEN_FIELDS},
                 cost_usd=Decimal(row["cost_usd"]),
+                charge_usd=Decimal(row["charge_usd"]),
             )
             if totals.requests == 0:
                 continue
@@ -247,7 +255,7 @@ def report_sql(group_by: Sequence[Dimension], *, rollup: bool) -> str:
     tokens = ", ".join(TOKEN_FIELDS)
     parts = [
         f"SELECT model, provider, toDate(occurred_at) AS day, toUInt64(1) AS requests, "
-        f"toUInt64(1 - priced) AS unpriced_requests, {tokens}, cost_usd "
+        f"toUInt64(1 - priced) AS unpriced_requests, {tokens}, cost_usd, charge_usd "
         "FROM usage_events FINAL WHERE account_id = {account_id:String} "
         # two ranges the primary key can seek to, not a NOT it would read around
         "AND ((occurred_at >= {start:DateTime64(3, 'UTC')} "
@@ -258,7 +266,7 @@ def report_sql(group_by: Sequence[Dimension], *, rollup: bool) -> str:
     if rollup:
         parts.append(
             f"SELECT model, provider, toDate(minute) AS day, requests, unpriced_requests, "
-            f"{tokens}, cost_usd FROM usage_minutely FINAL "
+            f"{tokens}, cost_usd, charge_usd FROM usage_minutely FINAL "
             "WHERE account_id = {account_id:String} "
             "AND minute >= {first_minute:DateTime64(3, 'UTC')} "
             "AND minute < {last_minute:DateTime64(3, 'UTC')}"
@@ -268,6 +276,7 @@ def report_sql(group_by: Sequence[Dimension], *, rollup: bool) -> str:
         "sum(unpriced_requests) AS unpriced_requests",
         *(f"sum({c}) AS {c}" for c in TOKEN_FIELDS),
         "toString(sum(toDecimal256(cost_usd, 12))) AS cost_usd",
+        "toString(sum(toDecimal256(charge_usd, 12))) AS charge_usd",
     ]
     sql = f"SELECT {', '.join([*group_by, *measures])} FROM ({' UNION ALL '.join(parts)})"
     if group_by:

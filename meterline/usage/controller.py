@@ -67,7 +67,8 @@ class UsageController(Controller):
             QueryParameter(description="Any of model, provider, day; repeat or comma-separate."),
         ] = None,
     ) -> UsageReportOut:
-        """Requests, token counts and ``cost_usd`` for the range, in total and per group."""
+        """Requests, token counts, ``cost_usd`` and ``charge_usd`` for the range, in total and
+        per group."""
         now = datetime.now(UTC)
         first = month_start(now) if start is None else instant_parameter("from", start)
         last = now if end is None else instant_parameter("to", end)

@@ -1,4 +1,7 @@
-"""Usage and cost of an account over a time range: what every API answers with.
+"""Usage, cost and charge of an account over a time range: what every API answers with.
+
+``cost_usd`` is what the providers charged, ``charge_usd`` what the account pays
+(its plan's sell price over that cost).
 
 The store (:mod:`.clickhouse`) reads whole minutes from its rollup and the
 edges from raw events, so a total is exact to the millisecond asked for.
@@ -21,7 +24,7 @@ DIMENSIONS: tuple[Dimension, ...] = ("model", "provider", "day")
 
 @dataclass
 class UsageTotals:
-    """What a set of requests used and cost."""
+    """What a set of requests used, cost and was charged."""
 
     requests: int = 0
     unpriced_requests: int = 0
@@ -32,15 +35,14 @@ class UsageTotals:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: Decimal = Decimal(0)
+    charge_usd: Decimal = Decimal(0)
 
     def add(self, other: UsageTotals) -> None:
         for name in vars(other):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_json(self) -> dict[str, int | str]:
-        data: dict[str, int | str] = {k: v for k, v in vars(self).items() if k != "cost_usd"}
-        data["cost_usd"] = format_usd(self.cost_usd)
-        return data
+        return {k: format_usd(v) if isinstance(v, Decimal) else v for k, v in vars(self).items()}
 
 
 @dataclass

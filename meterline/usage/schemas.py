@@ -29,7 +29,15 @@ class UsageTotalsOut(BaseModel):
     cache_write_1h_tokens: int
     output_tokens: int = Field(description="Reasoning tokens included.")
     reasoning_tokens: int
-    cost_usd: str = Field(description="US dollars, exact decimal text.", examples=["2.006002"])
+    cost_usd: str = Field(
+        description="What the providers charge, US dollars, exact decimal text.",
+        examples=["2.006002"],
+    )
+    charge_usd: str = Field(
+        description="What the account pays: its plan's sell price over cost_usd (equal to it "
+        "without a plan), US dollars, exact decimal text.",
+        examples=["2.5085025"],
+    )
 
 
 class UsageGroupOut(UsageTotalsOut):

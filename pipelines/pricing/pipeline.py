@@ -17,7 +17,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -27,13 +28,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from meterline.catalog import Catalog, PriceBook
+from meterline.lib.postgres import PostgresError
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, WarehouseError
 from meterline.usage.clickhouse import ClickHouseUsageStore
+from meterline.usage.model import PlanBook
 from meterline.usage.store import FlushHandler
 from pipelines.pricing.sink import DeadLetter, Flushed, Prepared, UsageSink
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Longest a step of stopping (last flush, closing a Kafka client) may take.
 STOP_STEP_S = 30.0
@@ -157,8 +161,11 @@ class PricingPipeline:
         bootstrap_servers: str,
         *,
         handlers: Sequence[FlushHandler] = (),
+        plans: PlanBook | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """``plans`` gives each account's sell price (a
+        :class:`~meterline.quotas.charges.ChargeBook`); None: charge = cost."""
         self.settings = settings
         self.warehouse = warehouse
         self.bootstrap_servers = bootstrap_servers
@@ -170,6 +177,7 @@ class PricingPipeline:
             settings.events,
             handlers,
             observe=self.metrics.observe,
+            plans=plans,
         )
         self._buffer: list[ConsumerRecord[bytes, bytes]] = []
         self._flush_lock = asyncio.Lock()
@@ -368,9 +376,21 @@ class PricingPipeline:
     async def _complete(
         self, records: Sequence[ConsumerRecord[bytes, bytes]], prepared: asyncio.Task[Prepared]
     ) -> None:
-        """Store, dead-letter, commit: the batch's I/O, in that order."""
+        """Charge (if the plans could not be read ahead), store, dead-letter, commit: the
+        batch's I/O, in that order."""
         started = time.monotonic()
-        flushed = await self._store_until_done(await prepared)
+        ahead: list[asyncio.Task[Prepared]] = [prepared]
+
+        async def prepare() -> Prepared:
+            # the batch priced ahead, or, after a failure (the plans' store was down), again
+            if ahead:
+                return await ahead.pop()
+            return await asyncio.to_thread(self.sink.prepare, records, self.catalog)
+
+        batch = await self._until_done(prepare, len(records), "pricing")
+        flushed = await self._until_done(
+            lambda: asyncio.to_thread(self.sink.store_batch, batch), batch.records, "storing"
+        )
         await self._dead_letter(flushed.dead)
         await self._commit(records)
         elapsed = time.monotonic() - started
@@ -378,8 +398,11 @@ class PricingPipeline:
         self.metrics.events_per_s = len(records) / elapsed if elapsed > 0 else 0.0
         log.debug("wrote %d records in %.3f s: %s", len(records), elapsed, self.metrics.as_dict())
 
-    async def _store_until_done(self, batch: Prepared) -> Flushed:
-        """Retry a failed store with back-off: a warehouse outage pauses the pipeline.
+    async def _until_done(
+        self, attempt: Callable[[], Awaitable[_T]], records: int, what: str
+    ) -> _T:
+        """Retry a failed step with back-off: a warehouse or PostgreSQL outage pauses the
+        pipeline.
 
         Retrying is safe: the store is idempotent by event. Once stopping, the
         retries end with the drain's time; the error is raised then and the
@@ -388,17 +411,18 @@ class PricingPipeline:
         delay = 0.5
         while True:
             try:
-                return await asyncio.to_thread(self.sink.store_batch, batch)
+                return await attempt()
             except Exception as exc:
                 if self._retry_until is not None and time.monotonic() >= self._retry_until:
                     raise
                 self.metrics.write_retries += 1
                 log.warning(
-                    "storing %d records failed, retrying in %.1f s: %s",
-                    batch.records,
+                    "%s %d records failed, retrying in %.1f s: %s",
+                    what,
+                    records,
                     delay,
                     _short(exc),
-                    exc_info=not isinstance(exc, WarehouseError),
+                    exc_info=not isinstance(exc, WarehouseError | PostgresError),
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)

@@ -1,7 +1,7 @@
 """One flush of the pricing pipeline: records in, priced events stored, handlers told.
 
-    decode -> validate -> dedupe in batch -> price -> dedupe against the store
-    -> write -> flush handlers
+    decode -> validate -> dedupe in batch -> price and charge -> dedupe against
+    the store -> write -> flush handlers
 
 after which the caller dead-letters what was refused and commits offsets.
 Every step is timed (``decode``, ``price``, ``dedupe``, ``write``,
@@ -29,7 +29,7 @@ from meterline.catalog import Catalog
 from meterline.lib.settings import EventRules
 from meterline.lib.warehouse import WarehouseError
 from meterline.usage import InvalidEvent, UsageRecord, decode, validate
-from meterline.usage.model import EventKey, PricedEvent, price_of
+from meterline.usage.model import EventKey, PlanBook, PricedEvent, charge_of, price_of
 from meterline.usage.store import FlushHandler, UsageStore
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,13 @@ class UsageSink:
         rules: EventRules,
         handlers: Sequence[FlushHandler] = (),
         observe: Callable[[str, float], None] = lambda step, seconds: None,
+        plans: PlanBook | None = None,
     ) -> None:
         self.store = store
         self.rules = rules
         self.handlers = tuple(handlers)
+        #: the accounts' plans; None: every account pays the provider cost
+        self.plans = plans
         self._observe = observe
 
     @contextmanager
@@ -109,31 +112,51 @@ class UsageSink:
         return self.store_batch(self.prepare(records, catalog))
 
     def prepare(self, records: Sequence[Record], catalog: Catalog) -> Prepared:
-        """Decode, check and price: CPU only, no store, so it can run ahead of a write."""
+        """Decode, check, price and charge: no store but the plans' (at most one query,
+        for the accounts whose plans are not at hand), so it can run ahead of a write.
+
+        Raises the plan store's error when it does not answer: nothing is
+        charged without its plan, and the caller retries the batch.
+        """
         dead: list[DeadLetter] = []
         with self._step("decode"):
             checked, by_key = self._decode(records, dead)
         with self._step("price"):
-            priced = [
-                PricedEvent(
-                    e.account_id,
-                    e.event_id,
-                    e.api_key_id,
-                    e.model,
-                    e.provider,
-                    e.occurred_at,
-                    received_at,
-                    e.status,
-                    e.usage,
-                    e.latency_ms,
-                    e.ttft_ms,
-                    *price_of(catalog, e.model, e.provider, e.occurred_at, e.usage),
-                    e.provider_usage_json,
-                    record.partition,
-                    record.offset,
+            plans = self.plans
+            if plans is not None and checked:
+                plans.load({e.account_id for e, _, _ in checked})
+            priced = []
+            for e, received_at, record in checked:
+                price_id, tier, cost = price_of(
+                    catalog, e.model, e.provider, e.occurred_at, e.usage
                 )
-                for e, received_at, record in checked
-            ]
+                charge, plan_id, plan_version = charge_of(
+                    plans, e.account_id, e.occurred_at, price_id, cost
+                )
+                priced.append(
+                    PricedEvent(
+                        e.account_id,
+                        e.event_id,
+                        e.api_key_id,
+                        e.model,
+                        e.provider,
+                        e.occurred_at,
+                        received_at,
+                        e.status,
+                        e.usage,
+                        e.latency_ms,
+                        e.ttft_ms,
+                        price_id,
+                        tier,
+                        cost,
+                        e.provider_usage_json,
+                        record.partition,
+                        record.offset,
+                        charge,
+                        plan_id,
+                        plan_version,
+                    )
+                )
         return Prepared(len(records), priced, by_key, dead)
 
     def store_batch(self, batch: Prepared) -> Flushed:
@@ -227,4 +250,6 @@ class UsageSink:
 
 
 def _unpriced(event: PricedEvent) -> PricedEvent:
-    return event._replace(price_id="", price_tier="", cost_picos=0)
+    return event._replace(
+        price_id="", price_tier="", cost_picos=0, charge_picos=0, plan_id="", plan_version=0
+    )

@@ -56,8 +56,8 @@ SETTINGS index_granularity = 1024, min_compress_block_size = 4096,
     max_compress_block_size = 16384
 """
 
-#: Columns of usage_events in insert order (migration 4 and later).
-USAGE_EVENT_COLUMNS = (
+#: Columns of usage_events as migration 4 made it: what that migration copies.
+_EVENT_COLUMNS_4 = (
     "account_id",
     "event_id",
     "occurred_at",
@@ -78,6 +78,9 @@ USAGE_EVENT_COLUMNS = (
     "provider_usage_json",
     "priced_at",
 )
+#: Columns of usage_events in insert order (migration 5 and later): what the account
+#: pays, and which plan version set that.
+USAGE_EVENT_COLUMNS = (*_EVENT_COLUMNS_4, "charge_usd", "plan_id", "plan_version")
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ _SIGNED_EVENTS = (
     "AND table = 'usage_events' AND name = 'sign'"
 )
 _TOKEN_COLUMNS_DDL = ",\n    ".join(f"{c} UInt64" for c in TOKEN_COLUMNS)
-_COPIED_COLUMNS = ", ".join(c for c in USAGE_EVENT_COLUMNS if c != "priced_at")
+_COPIED_COLUMNS = ", ".join(c for c in _EVENT_COLUMNS_4 if c != "priced_at")
 
 _USAGE_EVENTS_REPLACING = f"""
 CREATE TABLE IF NOT EXISTS usage_events_replacing (
@@ -149,16 +152,23 @@ ORDER BY (account_id, minute, model, provider)
 _TOKEN_SUMS = ", ".join(f"sum({c}) AS {c}" for c in TOKEN_COLUMNS)
 
 
-def recount_minutes(where: str = "") -> str:
+def recount_minutes(where: str = "", *, charge: bool = True) -> str:
     """The rollup's one definition: an INSERT of the minutes ``where`` selects,
-    counted again from the deduplicated events, stamped with the server's clock."""
+    counted again from the deduplicated events, stamped with the server's clock.
+
+    ``charge=False`` is the rollup before migration 5 added ``charge_usd``: what
+    migration 4 runs, on tables that do not have it yet.
+    """
+    charge_column, charge_sum = (
+        (", charge_usd", ", sum(charge_usd) AS charge_usd") if charge else ("", "")
+    )
     return f"""
 INSERT INTO usage_minutely
     (account_id, minute, model, provider, requests, unpriced_requests,
-     {", ".join(TOKEN_COLUMNS)}, cost_usd, latency_ms_sum, counted_at)
+     {", ".join(TOKEN_COLUMNS)}, cost_usd{charge_column}, latency_ms_sum, counted_at)
 SELECT account_id, toStartOfMinute(toDateTime(occurred_at, 'UTC')) AS minute, model, provider,
     count() AS requests, countIf(priced = 0) AS unpriced_requests,
-    {_TOKEN_SUMS}, sum(cost_usd) AS cost_usd, sum(latency_ms) AS latency_ms_sum,
+    {_TOKEN_SUMS}, sum(cost_usd) AS cost_usd{charge_sum}, sum(latency_ms) AS latency_ms_sum,
     now64(6) AS counted_at
 FROM usage_events FINAL
 {where}
@@ -168,6 +178,19 @@ GROUP BY account_id, minute, model, provider
 
 #: Every minute of the rollup counted again (the upgrade's backfill).
 RECOUNT_ALL_MINUTES = recount_minutes()
+
+
+def _add_column(table: str, column: str, after: str) -> str:
+    """A column added to ``table`` unless it is there: an ALTER that can run again."""
+    return f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} AFTER {after}"
+
+
+#: Rows written before migration 5 had no plan: what the account paid was the cost.
+#: A DEFAULT, not an UPDATE: the engine computes it when it reads a part written
+#: without the column (FINAL included), so old rows need no mutation and no rewrite.
+_CHARGE_COLUMN = "charge_usd Decimal(38, 12) DEFAULT cost_usd"
+#: The rollup has minutes to recount (an empty warehouse has none).
+_ROLLUP_HAS_ROWS = "SELECT 1 FROM usage_minutely LIMIT 1"
 
 _ROLLUP_SUMS = ",\n    ".join(f"sum({c} * sign) AS {c}" for c in TOKEN_COLUMNS)
 _ROLLUP_TYPES = ",\n    ".join(f"{c} Int64" for c in TOKEN_COLUMNS)
@@ -336,7 +359,21 @@ FROM usage_events
             "FROM usage_events",
             "DROP TABLE IF EXISTS usage_hourly",
             _USAGE_MINUTELY,
-            RECOUNT_ALL_MINUTES,
+            recount_minutes(charge=False),
+        ),
+    ),
+    (
+        5,
+        "what the account pays (charge_usd) and which plan version priced it",
+        (
+            _add_column("usage_events", _CHARGE_COLUMN, "cost_usd"),
+            _add_column("usage_events", "plan_id String DEFAULT ''", "charge_usd"),
+            _add_column("usage_events", "plan_version UInt32 DEFAULT 0", "plan_id"),
+            _add_column("usage_minutely", _CHARGE_COLUMN, "cost_usd"),
+            # Old minutes already read charge = cost through the DEFAULT; the recount
+            # stores their charge_usd as summed from the events, by the one definition.
+            # A second run recounts the same events to the same sums.
+            Step(RECOUNT_ALL_MINUTES, only_if=_ROLLUP_HAS_ROWS),
         ),
     ),
 )
