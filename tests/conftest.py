@@ -145,6 +145,22 @@ def bearer(key: IssuedKey) -> dict[str, str]:
     return {"Authorization": f"Bearer {key.secret}"}
 
 
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """A data directory for an embedded PostgreSQL, outside pytest's own temp root.
+
+    PostgreSQL runs as another user when the tests run as root, so the
+    directory's parents must let it pass; pytest makes its root 0700 again
+    whenever another pytest run starts, which would lock a running server out.
+    """
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="meterline-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

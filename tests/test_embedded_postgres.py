@@ -89,10 +89,10 @@ time.sleep(120)
 """
 
 
-def test_server_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
-    log = tmp_path / "postgres.log"
+def test_server_stops_when_its_parent_is_killed(server_dir: Path) -> None:
+    log = server_dir / "postgres.log"
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(tmp_path / "postgres"), str(free_port()), str(log)],
+        [sys.executable, "-c", _CHILD, str(server_dir / "postgres"), str(free_port()), str(log)],
         stdout=subprocess.PIPE,
         cwd=REPO,
     )

@@ -106,9 +106,9 @@ def start_up(data_dir: Path, *, background: bool = False) -> Iterator[Up]:
 
 
 @pytest.fixture
-def meterline_up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+def meterline_up(server_dir: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
     """`meterline up` on a new data directory; param True: started in the background."""
-    with start_up(tmp_path / "data", background=getattr(request, "param", False)) as up:
+    with start_up(server_dir / "data", background=getattr(request, "param", False)) as up:
         yield up
 
 
@@ -206,10 +206,10 @@ def test_sigint_stops_meterline_started_in_the_background(meterline_up: Up) -> N
 
 
 async def test_first_keys_are_shown_once_and_the_store_outlives_a_restart(
-    tmp_path: Path,
+    server_dir: Path,
 ) -> None:
     """The embedded PostgreSQL keeps accounts and keys; a second start makes no new keys."""
-    data_dir = tmp_path / "data"
+    data_dir = server_dir / "data"
     with start_up(data_dir) as first:
         admin, service = first.key("admin"), first.key("service")
         assert admin in first.banner and service in first.banner
