@@ -23,8 +23,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -33,10 +31,14 @@ import redis
 import redis.asyncio
 
 from meterline.lib.kafka import _port_open, _stop_with_parent
+from meterline.lib.server_process import (
+    open_output,
+    output_tail,
+    stop_server,
+    wait_until_answering,
+)
 
 log = logging.getLogger(__name__)
-
-_LOG_TAIL_BYTES = 4000
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -162,13 +164,8 @@ class EmbeddedRedis:
                 "to another port, or METERLINE_REDIS_URL to use that server"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # open as long as the server runs (closed by stop): it gets what Redis
-        # prints before its log file is open, and error messages read it back
-        self._log = (
-            open(self.log_path, "a+b")  # noqa: SIM115
-            if self.log_path
-            else tempfile.TemporaryFile(mode="a+b")  # noqa: SIM115
-        )
+        # closed by stop; it also gets what Redis prints before its log file is open
+        self._log = open_output(self.log_path)
         try:
             self._process = self._spawn(binary)
             self._wait_ready(timeout_s)
@@ -222,49 +219,33 @@ class EmbeddedRedis:
 
     def _wait_ready(self, timeout_s: float) -> None:
         assert self._process is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._process.poll() is not None:
-                raise EmbeddedRedisError(
-                    f"Redis exited with code {self._process.returncode}{self._log_tail()}"
-                )
+
+        def answers() -> bool:
             try:
                 with redis.Redis(
                     host="127.0.0.1", port=self.port, socket_connect_timeout=0.5
                 ) as client:
-                    if client.ping():
-                        return
+                    return bool(client.ping())
             except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise EmbeddedRedisError(
-                    f"Redis did not answer on 127.0.0.1:{self.port} within {timeout_s} s"
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.02)
+                return False
+
+        wait_until_answering(
+            self._process,
+            answers,
+            name="Redis",
+            port=self.port,
+            timeout_s=timeout_s,
+            poll_s=0.02,
+            error=EmbeddedRedisError,
+            tail=self._log_tail,
+        )
 
     def _log_tail(self) -> str:
-        """The log's last lines, to end an error message with."""
-        if self._log is None:
-            return ""
-        fd = self._log.fileno()
-        size = os.fstat(fd).st_size
-        tail = os.pread(fd, _LOG_TAIL_BYTES, max(0, size - _LOG_TAIL_BYTES))
-        lines = tail.decode(errors="replace").splitlines()[-15:]
-        where = f" ({self.log_path})" if self.log_path else ""
-        return (f"; last lines of its log{where}:\n" + "\n".join(lines)) if lines else ""
+        return output_tail(self._log, self.log_path)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM (nothing to save, so it exits at once); SIGKILL if it hangs."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("Redis did not stop within %s s; killing it", timeout_s)
-                process.kill()
-                process.wait()
+        stop_server(self._process, name="Redis", timeout_s=timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None

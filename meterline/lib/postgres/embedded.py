@@ -21,8 +21,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TypedDict
@@ -30,6 +28,12 @@ from typing import IO, TypedDict
 import psycopg
 
 from meterline.lib.kafka import _port_open, _stop_with_parent
+from meterline.lib.server_process import (
+    open_output,
+    output_tail,
+    stop_server,
+    wait_until_answering,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,6 @@ log = logging.getLogger(__name__)
 SYSTEM_USER = "embedded_postgres"
 
 _SUPERUSER = "postgres"
-_LOG_TAIL_BYTES = 4000
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -187,13 +190,7 @@ class EmbeddedPostgres:
             _let_others_traverse(
                 [pgdata.parent, pginstall / "bin", pginstall / "lib", pginstall / "share"]
             )
-        # open as long as the server runs (closed by stop); "a+b": the server
-        # appends while error messages read the tail back with pread
-        self._log = (
-            open(self.log_path, "a+b")  # noqa: SIM115
-            if self.log_path
-            else tempfile.TemporaryFile(mode="a+b")  # noqa: SIM115
-        )
+        self._log = open_output(self.log_path)  # closed by stop
         try:
             if not (pgdata / "PG_VERSION").exists():
                 self._initdb(pginstall / "bin" / "initdb", pgdata, user, timeout_s)
@@ -280,49 +277,34 @@ class EmbeddedPostgres:
 
     def _wait_ready(self, timeout_s: float) -> None:
         assert self._process is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._process.poll() is not None:
-                raise EmbeddedPostgresError(
-                    f"PostgreSQL exited with code {self._process.returncode}{self._log_tail()}"
-                )
+
+        def answers() -> bool:
             try:
                 psycopg.connect(self.url, connect_timeout=1).close()
-                return
             except psycopg.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                raise EmbeddedPostgresError(
-                    f"PostgreSQL did not answer on 127.0.0.1:{self.port} within {timeout_s} s"
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.05)
+                return False
+            return True
+
+        wait_until_answering(
+            self._process,
+            answers,
+            name="PostgreSQL",
+            port=self.port,
+            timeout_s=timeout_s,
+            poll_s=0.05,
+            error=EmbeddedPostgresError,
+            tail=self._log_tail,
+        )
 
     def _log_tail(self) -> str:
-        """The log's last lines, to end an error message with."""
-        if self._log is None:
-            return ""
-        fd = self._log.fileno()
-        size = os.fstat(fd).st_size
-        tail = os.pread(fd, _LOG_TAIL_BYTES, max(0, size - _LOG_TAIL_BYTES))
-        lines = tail.decode(errors="replace").splitlines()[-15:]
-        where = f" ({self.log_path})" if self.log_path else ""
-        return (f"; last lines of its log{where}:\n" + "\n".join(lines)) if lines else ""
+        return output_tail(self._log, self.log_path)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Fast shutdown: disconnect clients, checkpoint, exit; SIGKILL if it hangs.
 
         SIGTERM would be a smart shutdown, which waits for every client to leave.
         """
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("PostgreSQL did not stop within %s s; killing it", timeout_s)
-                process.kill()
-                process.wait()
+        stop_server(self._process, name="PostgreSQL", sig=signal.SIGINT, timeout_s=timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
