@@ -161,6 +161,23 @@ def server_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, postgres_url: str, tmp_path: Path) -> None:
+    """The CLI pointed at the run's database, with the tests' server secret."""
+    monkeypatch.setenv("METERLINE_POSTGRES_URL", postgres_url)
+    monkeypatch.setenv("METERLINE_KEYS_SECRET", TEST_SECRET.decode())
+    monkeypatch.setenv("METERLINE_DATA_DIR", str(tmp_path))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`meterline *argv` in this process: its exit code, stdout and stderr."""
+    from services.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

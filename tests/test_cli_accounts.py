@@ -10,28 +10,13 @@ import pytest
 from litestar.testing import AsyncTestClient
 from pydantic import SecretStr
 
-from conftest import TEST_SECRET, unique
+from conftest import TEST_SECRET, run, unique
 from meterline.accounts import AccountStatus, KeyRing, OpenDoor, Unauthenticated
 from meterline.lib.postgres import Database
 from meterline.lib.settings import KeySettings, PostgresSettings, Settings
 from meterline.lib.warehouse import Warehouse
 from services.api.app import create_app
-from services.cli import main
 from services.up import access
-
-
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, postgres_url: str, tmp_path: Path) -> None:
-    """The CLI pointed at the run's database, with the tests' server secret."""
-    monkeypatch.setenv("METERLINE_POSTGRES_URL", postgres_url)
-    monkeypatch.setenv("METERLINE_KEYS_SECRET", TEST_SECRET.decode())
-    monkeypatch.setenv("METERLINE_DATA_DIR", str(tmp_path))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_accounts_from_the_cli(

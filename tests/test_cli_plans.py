@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import TEST_SECRET, unique
+from conftest import run, unique
 from meterline.accounts.manage import Accounts
-from services.cli import main
-
-
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, postgres_url: str, tmp_path: Path) -> None:
-    """The CLI pointed at the run's database, with the tests' server secret."""
-    monkeypatch.setenv("METERLINE_POSTGRES_URL", postgres_url)
-    monkeypatch.setenv("METERLINE_KEYS_SECRET", TEST_SECRET.decode())
-    monkeypatch.setenv("METERLINE_DATA_DIR", str(tmp_path))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_plans_from_the_cli(
