@@ -71,11 +71,6 @@ class PostgresAccountStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def _rows(self, query: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        with self.database.transaction() as connection:
-            cursor = connection.cursor(row_factory=dict_row)
-            return cursor.execute(query, params).fetchall()
-
     # accounts
 
     def create_account(
@@ -87,7 +82,7 @@ class PostgresAccountStore:
         metadata: Mapping[str, Any] | None = None,
         registered_by: str = "api",
     ) -> Account:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""INSERT INTO accounts (account_id, name, timezone, metadata, registered_by)
             VALUES (%(id)s, %(name)s, %(tz)s, %(meta)s, %(by)s)
             ON CONFLICT (account_id) DO NOTHING RETURNING {_ACCOUNT_COLUMNS}""",
@@ -104,7 +99,7 @@ class PostgresAccountStore:
         return _account(rows[0])
 
     def account(self, account_id: str) -> Account:
-        rows = self._rows(
+        rows = self.database.rows(
             f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account_id = %(id)s",
             {"id": account_id},
         )
@@ -113,7 +108,7 @@ class PostgresAccountStore:
         return _account(rows[0])
 
     def accounts(self, *, after: str | None = None, limit: int = 100) -> list[Account]:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""SELECT {_ACCOUNT_COLUMNS} FROM accounts
             WHERE %(after)s::text IS NULL OR account_id > %(after)s::text
             ORDER BY account_id LIMIT %(limit)s""",
@@ -122,7 +117,7 @@ class PostgresAccountStore:
         return [_account(r) for r in rows]
 
     def update_account(self, account_id: str, change: AccountUpdate) -> Account:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""UPDATE accounts SET
                 name = coalesce(%(name)s, name),
                 status = coalesce(%(status)s, status),
@@ -145,7 +140,7 @@ class PostgresAccountStore:
     def register(self, account_ids: Collection[str]) -> list[str]:
         if not account_ids:
             return []
-        rows = self._rows(
+        rows = self.database.rows(
             """INSERT INTO accounts (account_id, registered_by)
             SELECT id, 'first_event' FROM unnest(%(ids)s::text[]) AS id ORDER BY id
             ON CONFLICT (account_id) DO NOTHING RETURNING account_id""",
@@ -154,7 +149,7 @@ class PostgresAccountStore:
         return [r["account_id"] for r in rows]
 
     def known(self, account_ids: Collection[str]) -> set[str]:
-        rows = self._rows(
+        rows = self.database.rows(
             "SELECT account_id FROM accounts WHERE account_id = ANY(%(ids)s::text[])",
             {"ids": list(account_ids)},
         )
@@ -174,7 +169,7 @@ class PostgresAccountStore:
         expires_at: datetime | None = None,
     ) -> StoredKey:
         try:
-            rows = self._rows(
+            rows = self.database.rows(
                 f"""WITH ring AS ({_NEXT_GENERATION})
                 INSERT INTO api_keys (key_id, kind, name, secret_hash, account_id, account_ids,
                                       expires_at, generation)
@@ -196,7 +191,7 @@ class PostgresAccountStore:
         return _stored_key(rows[0])
 
     def revoke_key(self, key_id: str, at: datetime) -> StoredKey:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""WITH ring AS ({_NEXT_GENERATION})
             UPDATE api_keys SET revoked_at = coalesce(revoked_at, %(at)s),
                                 generation = ring.generation
@@ -208,7 +203,7 @@ class PostgresAccountStore:
         return _stored_key(rows[0])
 
     def api_keys(self, *, account_id: str | None = None) -> list[ApiKey]:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""SELECT {_KEY_COLUMNS} FROM api_keys
             WHERE %(account)s::text IS NULL OR account_id = %(account)s::text
                   OR %(account)s::text = ANY(account_ids)
@@ -233,7 +228,7 @@ class PostgresAccountStore:
     def touch_keys(self, last_used: Mapping[str, datetime]) -> None:
         if not last_used:
             return
-        self._rows(
+        self.database.rows(
             """UPDATE api_keys k SET last_used_at = greatest(k.last_used_at, u.at)
             FROM unnest(%(ids)s::text[], %(ats)s::timestamptz[]) AS u(key_id, at)
             WHERE k.key_id = u.key_id RETURNING k.key_id""",
@@ -244,7 +239,7 @@ class PostgresAccountStore:
         return self.database.answers()
 
     def check_secret(self, check: bytes) -> bool:
-        rows = self._rows(
+        rows = self.database.rows(
             """UPDATE key_ring SET secret_check = coalesce(secret_check, %(check)s)
             RETURNING secret_check = %(check)s AS same""",
             {"check": check},

@@ -53,11 +53,6 @@ class PostgresPlanStore:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def _rows(self, query: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        with self.database.transaction() as connection:
-            cursor = connection.cursor(row_factory=dict_row)
-            return cursor.execute(query, params).fetchall()
-
     # versions
 
     def add_version(self, plan: PlanTerms) -> PlanVersion:
@@ -90,7 +85,7 @@ class PostgresPlanStore:
         return _plan(row)
 
     def version(self, plan_id: str, version: int) -> PlanVersion:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""SELECT {_PLAN_COLUMNS} FROM plan_versions
             WHERE plan_id = %(plan)s AND version = %(version)s""",
             {"plan": plan_id, "version": version},
@@ -100,7 +95,7 @@ class PostgresPlanStore:
         return _plan(rows[0])
 
     def versions(self, plan_id: str) -> list[PlanVersion]:
-        rows = self._rows(
+        rows = self.database.rows(
             f"SELECT {_PLAN_COLUMNS} FROM plan_versions WHERE plan_id = %(plan)s ORDER BY version",
             {"plan": plan_id},
         )
@@ -109,7 +104,7 @@ class PostgresPlanStore:
         return [_plan(r) for r in rows]
 
     def plans(self) -> list[PlanVersion]:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""SELECT DISTINCT ON (plan_id) {_PLAN_COLUMNS} FROM plan_versions
             ORDER BY plan_id, version DESC"""
         )
@@ -128,7 +123,7 @@ class PostgresPlanStore:
         try:
             # the version is read in the same statement, so "the latest" is the one
             # that exists when the row is written
-            rows = self._rows(
+            rows = self.database.rows(
                 f"""INSERT INTO account_plans (account_id, plan_id, version, effective_from,
                                                assigned_by)
                 SELECT %(account)s, plan_id, version, %(from)s, %(by)s FROM plan_versions
@@ -160,7 +155,7 @@ class PostgresPlanStore:
         return in_force(self.histories([account_id])[account_id], at)
 
     def histories(self, account_ids: Collection[str]) -> dict[str, PlanHistory]:
-        rows = self._rows(
+        rows = self.database.rows(
             """SELECT a.account_id, plan_id, version, a.effective_from, a.assigned_at,
                       a.assigned_by, p.name, p.limits, p.price_multiplier, p.request_fee_usd,
                       p.billing, p.created_at
@@ -175,7 +170,7 @@ class PostgresPlanStore:
         return dict(found)
 
     def assignments(self, account_id: str) -> list[Assignment]:
-        rows = self._rows(
+        rows = self.database.rows(
             f"""SELECT {_ASSIGNMENT_COLUMNS} FROM account_plans
             WHERE account_id = %(account)s ORDER BY effective_from""",
             {"account": account_id},

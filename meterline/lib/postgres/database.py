@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from meterline.lib.settings import PostgresSettings
@@ -130,9 +131,11 @@ class Database:
         except psycopg.OperationalError as exc:
             raise PostgresError(f"PostgreSQL at {self.where}: {exc}") from exc
 
-    def identifier(self, name: str) -> sql.Identifier:
-        """A table of meterline's schema, for statements that name it explicitly."""
-        return sql.Identifier(self.schema, name)
+    def rows(self, query: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One statement in a transaction of its own; its rows as dicts."""
+        with self.transaction() as connection:
+            cursor = connection.cursor(row_factory=dict_row)
+            return cursor.execute(query, params).fetchall()
 
     def answers(self) -> bool:
         try:
