@@ -33,8 +33,9 @@ Calendar days and months are the account's (:mod:`.windows`, the one definition)
 their key names and bounds are computed here and given to the script. A check counts
 in the windows of now, a settle in those of when the event occurred. Redis is a cache
 of the warehouse: a day or month counter the plan caps that is ABSENT is not zero;
-the check answers ``needs_rebuild`` and the caller calls :meth:`~QuotaEngine.set_window_totals`
-with the warehouse's totals. A check that finds a window also starts the next one at
+the check answers ``needs_rebuild`` and the caller rebuilds those counters from the
+warehouse (:mod:`.rebuild`: :meth:`~QuotaEngine.begin_rebuild`, then
+:meth:`~QuotaEngine.finish_rebuild`). A check that finds a window also starts the next one at
 zero (it is then complete from its first instant), so a rebuild is needed after Redis
 lost its data, after a plan begins to cap a window, or after a whole window without a
 check; not at every midnight.
@@ -72,9 +73,11 @@ __all__ = [
     "NeedsRebuild",
     "QuotaEngine",
     "QuotaRequest",
+    "RecentEvent",
     "Settlement",
     "WindowRef",
     "WindowTotals",
+    "request_scopes",
 ]
 
 log = logging.getLogger(__name__)
@@ -162,11 +165,24 @@ class WindowTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class RecentEvent:
+    """An event the warehouse holds, priced lately: its settle may still come."""
+
+    event_id: str
+    api_key_id: str | None
+    model: str
+    occurred_at: datetime
+    input_tokens: int
+    output_tokens: int
+    charge_picos: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer to a check.
 
     ``needs_rebuild`` not empty: nothing was reserved and ``allowed`` is False; rebuild
-    those counters (:meth:`QuotaEngine.set_window_totals`) and check again.
+    those counters (:mod:`.rebuild`) and check again.
     """
 
     allowed: bool
@@ -228,7 +244,7 @@ def _by_basis(basis: TokenBasis, input_tokens: int, output_tokens: int) -> int:
     return input_tokens + output_tokens
 
 
-def _scopes(
+def request_scopes(
     plan: PlanVersion, api_key_id: str | None, model: str | None
 ) -> list[tuple[str, Limits]]:
     """The scopes a request falls in, in the order they are judged (None: not that kind)."""
@@ -313,7 +329,8 @@ class QuotaEngine:
         self._check = redis.register_script(_script("check.lua"))
         self._settle = redis.register_script(_script("settle.lua"))
         self._release = redis.register_script(_script("release.lua"))
-        self._set_totals = redis.register_script(_script("set_totals.lua"))
+        self._rebuild_begin = redis.register_script(_script("rebuild_begin.lua"))
+        self._rebuild_finish = redis.register_script(_script("rebuild_finish.lua"))
         self._redis_down = False
 
     # -- keys ---------------------------------------------------------------------------
@@ -338,7 +355,7 @@ class QuotaEngine:
         timezone: str,
     ) -> list[_Group]:
         groups: list[_Group] = []
-        for scope, limits in _scopes(plan, api_key_id, model):
+        for scope, limits in request_scopes(plan, api_key_id, model):
             if limits.requests_per_minute is not None or limits.tokens_per_minute is not None:
                 groups.append(_Group("m", scope, limits))
             if limits.max_in_flight is not None:
@@ -420,9 +437,7 @@ class QuotaEngine:
         groups = self._groups(plan, request.api_key_id, request.model, at, timezone)
         if not groups:
             return Decision(True, None, "allowed: the plan sets no limit that is counted")
-        most = self._settings.max_reserved_output_tokens
-        asked = most if request.max_output_tokens is None else request.max_output_tokens
-        reserved_output = min(asked, most)
+        reserved_output = self.reserved_output(request)
         base = self._base(request.account_id)
         keys, args = self._check_layout(base, groups, timezone)
         try:
@@ -598,17 +613,29 @@ class QuotaEngine:
             scope=s.scope,
         )
 
-    def _without_redis(self, exc: Exception) -> Decision:
+    def reserved_output(self, request: QuotaRequest) -> int:
+        """The output tokens a check reserves: ``max_output_tokens`` up to
+        ``max_reserved_output_tokens`` (all of that when the request sets none)."""
+        most = self._settings.max_reserved_output_tokens
+        asked = most if request.max_output_tokens is None else request.max_output_tokens
+        return min(asked, most)
+
+    def unavailable(self, why: str) -> Decision:
+        """The answer when Redis cannot tell: allowed or denied as ``when_redis_down``
+        says, reason ``redis_unavailable``."""
         allow = self._settings.when_redis_down == "allow"
+        verdict = "allowed without a quota check" if allow else "denied"
+        return Decision(allow, "redis_unavailable", f"{why}: {verdict}")
+
+    def _without_redis(self, exc: Exception) -> Decision:
         if not self._redis_down:
             self._redis_down = True
             log.error(
                 "quotas: Redis unreachable (%s); checks are %s until it is back",
                 exc,
-                "allowed" if allow else "denied",
+                "allowed" if self._settings.when_redis_down == "allow" else "denied",
             )
-        verdict = "allowed without a quota check" if allow else "denied"
-        return Decision(allow, "redis_unavailable", f"Redis is unreachable: {verdict}")
+        return self.unavailable("Redis is unreachable")
 
     def _redis_back(self) -> None:
         if self._redis_down:
@@ -657,7 +684,7 @@ class QuotaEngine:
                 raise ValueError(f"event {item.event_id}: amounts are not negative")
             windows: list[str] = []
             logs: list[str] = []
-            for scope, limits in _scopes(plan, item.api_key_id, item.model):
+            for scope, limits in request_scopes(plan, item.api_key_id, item.model):
                 for window in (Window.DAY, Window.MONTH):
                     if _caps_window(limits, window):
                         ref = self._ref(scope, window, item.occurred_at, timezone)
@@ -685,6 +712,74 @@ class QuotaEngine:
 
     # -- rebuild, report ----------------------------------------------------------------
 
+    async def begin_rebuild(
+        self, account_id: str, refs: Sequence[WindowRef], *, now: datetime | None = None
+    ) -> list[int]:
+        """Make each absent window of ``refs`` at zero, marked building since now; see
+        :mod:`.rebuild`. Returns per window the instant (ms, Redis's clock) its building
+        began, or 0 when it is complete (nothing to rebuild)."""
+        if not refs:
+            return []
+        base = self._base(account_id)
+        result = await self._rebuild_begin(
+            keys=[f"{base}res", *(self._window_key(base, ref) for ref in refs)],
+            args=[
+                "" if now is None else _ms(now),
+                base,
+                *(_ms(ref.end + WINDOW_KEY_MARGIN) for ref in refs),
+            ],
+        )
+        return [int(b) for b in result]
+
+    async def finish_rebuild(
+        self,
+        account_id: str,
+        plan: PlanVersion,
+        builds: Sequence[tuple[WindowRef, int, WindowTotals]],
+        recent: Sequence[RecentEvent] = (),
+    ) -> int:
+        """Complete windows being built: (window, building since as begin_rebuild said,
+        the warehouse's totals). ``recent``: the events of those totals priced since
+        :data:`REBUILD_LAG` before the building began, whose settle may come later or
+        have come already. Returns the windows completed (0: another rebuild did)."""
+        if not builds:
+            return 0
+        base = self._base(account_id)
+        keys: list[str] = [f"{base}settled"]
+        args: list[str | int] = []
+        for ref, since, totals in builds:
+            if min(totals.requests, totals.input_tokens, totals.output_tokens) < 0:
+                raise ValueError(f"{ref.scope}: totals are not negative")
+            if totals.charge_picos < 0:
+                raise ValueError(f"{ref.scope}: totals are not negative")
+            dollars, picos = divmod(totals.charge_picos, PICOS_PER_USD)
+            keys.append(self._window_key(base, ref))
+            args += [
+                since,
+                totals.requests,
+                totals.input_tokens,
+                totals.output_tokens,
+                dollars,
+                picos,
+            ]
+        for event in recent:
+            scopes = {scope for scope, _ in request_scopes(plan, event.api_key_id, event.model)}
+            among = [
+                n
+                for n, (ref, _, _) in enumerate(builds, start=1)
+                if ref.scope in scopes and ref.start <= event.occurred_at < ref.end
+            ]
+            if among:
+                args += [
+                    event.event_id,
+                    event.input_tokens,
+                    event.output_tokens,
+                    str(event.charge_picos),
+                    len(among),
+                    *among,
+                ]
+        return int(await self._rebuild_finish(keys=keys, args=args))
+
     async def set_window_totals(
         self,
         account_id: str,
@@ -696,32 +791,19 @@ class QuotaEngine:
         *,
         now: datetime | None = None,
     ) -> None:
-        """Set the counters of the ``window`` holding ``at`` from the warehouse's totals,
-        one per scope ("account", "api_key:<id>", "model:<pattern>"). The estimates of
-        reservations still held on them are added back."""
-        base = self._base(account_id)
-        keys: list[str] = [f"{base}res"]
-        args: list[str | int] = ["" if now is None else _ms(now), base]
-        for scope, totals in scope_totals.items():
+        """Set the absent counters of the ``window`` holding ``at`` to the warehouse's
+        totals, one per scope ("account", "api_key:<id>", "model:<pattern>"), when no
+        settle can be under way (tests, tools): :mod:`.rebuild` is the live path."""
+        refs: list[WindowRef] = []
+        for scope in scope_totals:
             if not _caps_window(self._scope_limits(plan, scope), window):
                 raise ValueError(f"the plan {plan.plan_id} caps no {window.value} of {scope}")
-            if min(totals.requests, totals.input_tokens, totals.output_tokens) < 0:
-                raise ValueError(f"{scope}: totals are not negative")
-            if totals.charge_picos < 0:
-                raise ValueError(f"{scope}: totals are not negative")
-            ref = self._ref(scope, window, at, timezone)
-            dollars, picos = divmod(totals.charge_picos, PICOS_PER_USD)
-            keys.append(self._window_key(base, ref))
-            args += [
-                _ms(ref.end + WINDOW_KEY_MARGIN),
-                totals.requests,
-                totals.input_tokens,
-                totals.output_tokens,
-                dollars,
-                picos,
-            ]
-        if len(keys) > 1:
-            await self._set_totals(keys=keys, args=args)
+            refs.append(self._ref(scope, window, at, timezone))
+        since = await self.begin_rebuild(account_id, refs, now=now)
+        builds = [
+            (ref, b, scope_totals[ref.scope]) for ref, b in zip(refs, since, strict=True) if b
+        ]
+        await self.finish_rebuild(account_id, plan, builds)
 
     @staticmethod
     def _scope_limits(plan: PlanVersion, scope: str) -> Limits:

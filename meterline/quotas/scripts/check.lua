@@ -22,7 +22,7 @@
 --   'm': requests, input, output in the last minute, ms until a request fits and until
 --        its tokens fit (-1: they fit; -2: never, the estimate exceeds the cap)
 --   'f': requests in flight
---   'w': 1 present or 0 absent, requests, input, output, spend dollars, spend picos
+--   'w': 1 present or 0 absent (or being built), requests, input, output, spend dollars, spend picos
 
 local now = clock(ARGV[1])
 local event_id = ARGV[2]
@@ -112,8 +112,9 @@ while a <= #ARGV do
     local expire_at, following_expire_at = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     local rcap, tcap, scap = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), ARGV[a + 5]
     k, a = k + 2, a + 6
-    if redis.call('EXISTS', key) == 0 then
-      -- absent is not zero: Redis lost it (or the plan just began to cap it)
+    if redis.call('EXISTS', key) == 0 or redis.call('HEXISTS', key, 'b') == 1 then
+      -- absent is not zero: Redis lost it (or the plan just began to cap it); one being
+      -- built from the warehouse (field b) is not complete yet
       rebuild = true
       for _, v in ipairs({0, 0, 0, 0, 0, 0}) do
         table.insert(out, v)

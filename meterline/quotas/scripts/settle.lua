@@ -37,9 +37,15 @@ while a <= #ARGV do
     end
     undo(rkey, KEYS[1], event_id)
     for w = windows, logs - 1 do
-      -- absent: Redis lost it; its rebuild from the warehouse will hold this event
-      if redis.call('EXISTS', KEYS[w]) == 1 then
-        window_add(KEYS[w], 1, i, o, charge)
+      -- absent: Redis lost it; its rebuild from the warehouse will hold this event.
+      -- Marked e:<id>: a rebuild counted it from the warehouse already. Being built
+      -- (b): noted s:<id>, so the rebuild knows it was added here.
+      local w_key = KEYS[w]
+      if redis.call('EXISTS', w_key) == 1 and redis.call('HDEL', w_key, 'e:' .. event_id) == 0 then
+        window_add(w_key, 1, i, o, charge)
+        if redis.call('HEXISTS', w_key, 'b') == 1 then
+          redis.call('HSET', w_key, 's:' .. event_id, 1)
+        end
       end
     end
     if ts > now - MINUTE then
