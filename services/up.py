@@ -30,6 +30,13 @@ from meterline.lib.kafka import BrokerError, EmbeddedBroker, ensure_topics, star
 from meterline.lib.metrics import CollectorRegistry, serve_metrics
 from meterline.lib.postgres import Database, open_database
 from meterline.lib.postgres.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from meterline.lib.redis_server import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    RedisUnavailable,
+    connect_redis,
+    redis_where,
+)
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, open_warehouse
 from meterline.quotas.postgres import PostgresPlanStore
@@ -37,6 +44,8 @@ from meterline.quotas.store import PlanStore
 from services.api.app import create_app
 
 if TYPE_CHECKING:
+    from meterline.quotas.desk import QuotaDesk
+    from meterline.usage.store import FlushHandler
     from pipelines.pricing.pipeline import PricingPipeline
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,7 @@ class Stack:
     endpoints: dict[str, str] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
     postgres: EmbeddedPostgres | None = None
+    redis: EmbeddedRedis | None = None
     #: tasks that end only when something meterline runs on has gone (a crash)
     watches: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -102,12 +112,21 @@ class Stack:
             f"(its log: {self.settings.data_dir / 'postgres.log'})"
         )
 
+    def redis_gone(self) -> EmbeddedRedisError | None:
+        """The embedded Redis's exit, if it exited on its own."""
+        if self.redis is None or (code := self.redis.returncode) is None:
+            return None
+        return EmbeddedRedisError(
+            f"the embedded Redis exited with code {code} "
+            f"(its log: {self.settings.data_dir / 'redis.log'})"
+        )
+
     def server_gone(self) -> RuntimeError | None:
-        return self.broker_gone() or self.postgres_gone()
+        return self.broker_gone() or self.postgres_gone() or self.redis_gone()
 
 
 async def _watch_servers(stack: Stack) -> None:
-    """Raises when an embedded server (broker, PostgreSQL) exits on its own."""
+    """Raises when an embedded server (broker, PostgreSQL, Redis) exits on its own."""
     while (gone := stack.server_gone()) is None:
         await asyncio.sleep(0.2)
     raise gone
@@ -190,6 +209,36 @@ def postgres(settings: Settings, stack: Stack) -> Iterator[Database]:
             server.stop()
 
 
+@contextlib.contextmanager
+def redis_server(settings: Settings, stack: Stack) -> Iterator[str]:
+    """The configured Redis, or an embedded one (memory only); yields its URL."""
+    server, watch = None, None
+    if settings.embedded_redis:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        server = EmbeddedRedis(
+            settings.redis.embedded_port,
+            data_dir=settings.data_dir / "redis",
+            log_path=settings.data_dir / "redis.log",
+        )
+        server.start()
+        stack.redis = server
+        stack.endpoints["redis"] = f"{server.url} (embedded Redis {server.version}, memory only)"
+        if not stack.watches:
+            watch = asyncio.get_running_loop().create_task(_watch_servers(stack))
+            stack.watches.append(watch)
+    else:
+        stack.endpoints["redis"] = redis_where(settings.redis_url)
+    try:
+        yield settings.redis_url
+    finally:
+        stack.redis = None
+        if watch is not None:
+            watch.cancel()
+            stack.watches.remove(watch)
+        if server is not None:
+            server.stop()
+
+
 @dataclass
 class Access:
     """Who may ask: the authenticator every server checks keys with, the accounts, and
@@ -245,7 +294,12 @@ class ApiServer:
     """The Litestar app under uvicorn, started and stopped from the runner's loop."""
 
     def __init__(
-        self, settings: Settings, wh: Warehouse, registry: CollectorRegistry, access: Access
+        self,
+        settings: Settings,
+        wh: Warehouse,
+        registry: CollectorRegistry,
+        access: Access,
+        quotas: QuotaDesk | None = None,
     ) -> None:
         self.address = f"http://{settings.http.host}:{settings.http.port}"
         self.server = _ApiServer(
@@ -255,6 +309,7 @@ class ApiServer:
                     auth=access.auth,
                     accounts=access.accounts,
                     plans=access.plans,
+                    quotas=quotas,
                     registry=registry,
                     settings=settings.http,
                 ),
@@ -348,6 +403,7 @@ async def ingest_server(
         await producer.stop()
 
 
+@contextlib.contextmanager
 def pricing_pipeline(
     settings: Settings,
     wh: Warehouse,
@@ -355,32 +411,93 @@ def pricing_pipeline(
     access: Access,
     *,
     registry: CollectorRegistry,
-) -> PricingPipeline:
-    """The pipeline with its flush handlers (accounts first seen are registered) and the
-    accounts' plans, which set what each event charges."""
+) -> Iterator[PricingPipeline]:
+    """The pipeline with its flush handlers (accounts first seen are registered; quota
+    reservations are settled with what was used) and the accounts' plans, which set what
+    each event charges."""
     from meterline.quotas.charges import ChargeBook
+    from meterline.quotas.settler import QuotaSettler
     from pipelines.pricing.pipeline import PricingPipeline
 
-    handlers = [AccountRegistrar(access.accounts.store)]
     plans = ChargeBook(access.plans)
-    return PricingPipeline(
-        settings, wh, bootstrap, handlers=handlers, plans=plans, registry=registry
+    settler = QuotaSettler(
+        settings.redis_url,
+        key_prefix=settings.redis.key_prefix,
+        settings=settings.quota,
+        plans=plans,
+        accounts=access.accounts.store,
     )
+    try:
+        handlers: list[FlushHandler] = [AccountRegistrar(access.accounts.store), settler]
+        yield PricingPipeline(
+            settings, wh, bootstrap, handlers=handlers, plans=plans, registry=registry
+        )
+    finally:
+        settler.close()
+
+
+@contextlib.asynccontextmanager
+async def quota_server(
+    settings: Settings,
+    wh: Warehouse,
+    stack: Stack,
+    access: Access,
+    *,
+    registry: CollectorRegistry,
+) -> AsyncIterator[QuotaDesk]:
+    """The quota gRPC server and the desk behind it (the HTTP API reads quotas there)."""
+    import redis.asyncio
+
+    from meterline.quotas.desk import QuotaDesk
+    from services.quota.server import QuotaServer
+
+    try:
+        client = await connect_redis(settings.redis_url)
+    except RedisUnavailable as exc:  # checks answer as when_redis_down says until it is
+        log.warning(
+            "%s; quota checks are %sed until it answers", exc, settings.quota.when_redis_down
+        )
+        client = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+    desk = QuotaDesk(
+        client,
+        key_prefix=settings.redis.key_prefix,
+        settings=settings.quota,
+        accounts=access.accounts.store,
+        plans=access.plans,
+        warehouse=wh,
+    )
+    try:
+        await desk.start()
+        server = QuotaServer(desk, settings=settings.quota, auth=access.auth, registry=registry)
+        await server.start()
+        stack.endpoints["quotas (gRPC)"] = server.address
+        try:
+            yield desk
+        finally:
+            await server.stop()
+    finally:
+        await desk.close()
+        await client.aclose()
 
 
 async def up(settings: Settings, stop: asyncio.Event) -> None:
-    """Everything on one machine: broker, warehouse, PostgreSQL, ingest, pipeline, API."""
+    """Everything on one machine: broker, warehouse, PostgreSQL, Redis, ingest, pipeline,
+    quotas, API."""
     stack = Stack(settings)
     registry = CollectorRegistry()  # every part's metrics, served by the HTTP API
     async with (
         kafka(settings, stack) as bootstrap,
         _sync(warehouse(settings, stack)) as wh,
         _sync(postgres(settings, stack)) as database,
+        _sync(redis_server(settings, stack)),
         access(settings, database) as granted,
+        _sync(pricing_pipeline(settings, wh, bootstrap, granted, registry=registry)) as pipeline,
+        quota_server(settings, wh, stack, granted, registry=registry) as quotas,
     ):
         keys_file = settings.data_dir / "keys.json"
         issued = await asyncio.to_thread(first_keys, granted.accounts, keys_file)
-        pipeline = pricing_pipeline(settings, wh, bootstrap, granted, registry=registry)
         pipeline_stop = asyncio.Event()
         # A memory-only broker loses what is left in it: price it all before stopping.
         drain_s = 60.0 if settings.embedded_kafka else 0.0
@@ -388,7 +505,7 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
         stack.endpoints["pricing pipeline"] = (
             f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
         )
-        api = ApiServer(settings, wh, registry, granted)
+        api = ApiServer(settings, wh, registry, granted, quotas)
         failure = None
         try:
             await api.start()
@@ -454,23 +571,30 @@ async def pipeline_only(settings: Settings, stop: asyncio.Event) -> None:
             kafka(settings, stack) as bootstrap,
             _sync(warehouse(settings, stack)) as wh,
             _sync(postgres(settings, stack)) as database,
+            _sync(redis_server(settings, stack)),
             access(settings, database) as granted,
+            _sync(
+                pricing_pipeline(settings, wh, bootstrap, granted, registry=registry)
+            ) as pipeline,
         ):
-            pipeline = pricing_pipeline(settings, wh, bootstrap, granted, registry=registry)
             stack.endpoints["pricing pipeline"] = f"group {settings.kafka.consumer_group}"
             print_banner(stack)
             await pipeline.run(stop)
 
 
 async def api_only(settings: Settings, stop: asyncio.Event) -> None:
-    """The HTTP API alone, over the configured warehouse."""
+    """The HTTP API and the quota gRPC server, over the configured warehouse, PostgreSQL
+    and Redis: run as many as wanted, they share Redis."""
     stack = Stack(settings)
+    registry = CollectorRegistry()
     async with (
         _sync(warehouse(settings, stack)) as wh,
         _sync(postgres(settings, stack)) as database,
+        _sync(redis_server(settings, stack)),
         access(settings, database) as granted,
+        quota_server(settings, wh, stack, granted, registry=registry) as quotas,
     ):
-        api = ApiServer(settings, wh, CollectorRegistry(), granted)
+        api = ApiServer(settings, wh, registry, granted, quotas)
         await api.start()
         stack.endpoints["HTTP API"] = api.address
         print_banner(stack)

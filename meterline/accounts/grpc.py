@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -102,6 +103,24 @@ def is_open(service: str) -> bool:
     return service == _HEALTH or service.startswith(_REFLECTION)
 
 
+_REFUSED: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def _refused_counter(registry: CollectorRegistry) -> Counter:
+    """The registry's one count of refused calls: every gRPC server of a process (ingest,
+    quotas) counts in it, by service."""
+    if registry not in _REFUSED:
+        _REFUSED[registry] = Counter(
+            "meterline_grpc_refused",
+            "gRPC calls refused before their handler ran, by service and status: "
+            "UNAUTHENTICATED (no valid key) or PERMISSION_DENIED (a key of a kind the "
+            "service does not take).",
+            ("service", "code"),
+            registry=registry,
+        )
+    return _REFUSED[registry]
+
+
 class AuthInterceptor(_ServerInterceptor):
     """Authenticates each call and runs its handler as the key's :class:`Principal`."""
 
@@ -116,14 +135,7 @@ class AuthInterceptor(_ServerInterceptor):
         the key kinds that may call it. ``registry`` gets the count of refused calls."""
         self.authenticator = authenticator
         self.allowed = {service: frozenset(kinds) for service, kinds in allowed.items()}
-        self.refused = Counter(
-            "meterline_grpc_refused",
-            "gRPC calls refused before their handler ran, by service and status: "
-            "UNAUTHENTICATED (no valid key) or PERMISSION_DENIED (a key of a kind the "
-            "service does not take).",
-            ("service", "code"),
-            registry=registry if registry is not None else CollectorRegistry(),
-        )
+        self.refused = _refused_counter(registry if registry is not None else CollectorRegistry())
 
     async def intercept_service(
         self,

@@ -258,7 +258,7 @@ class EmbeddedRedis:
         self.stop()
 
 
-def _where(url: str) -> str:
+def redis_where(url: str) -> str:
     """``host:port`` (or the socket path) of a Redis URL: never its user or password."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
@@ -291,6 +291,6 @@ async def connect_redis(url: str) -> redis.asyncio.Redis:
     except (redis.RedisError, OSError) as exc:
         await client.aclose()
         raise RedisUnavailable(
-            f"Redis at {_where(url)} did not answer: {type(exc).__name__}: {exc}"
+            f"Redis at {redis_where(url)} did not answer: {type(exc).__name__}: {exc}"
         ) from exc
     return client

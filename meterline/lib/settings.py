@@ -133,6 +133,11 @@ class RedisSettings(BaseSettings):
 class QuotaSettings(BaseSettings):
     model_config = _prefix("QUOTA_")
 
+    host: str = Field("127.0.0.1", description="Interface of the quota gRPC server.")
+    port: int = Field(
+        50052, description="Port of the quota gRPC server (`meterline up` and `api`)."
+    )
+
     when_redis_down: Literal["allow", "deny"] = Field(
         "allow",
         description="CheckQuota when Redis cannot be reached: allow (count and log; usage "

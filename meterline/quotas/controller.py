@@ -31,21 +31,29 @@ from meterline.accounts.http import (
 )
 from meterline.accounts.model import MAX_ACCOUNT_ID_LENGTH, AccountNotFound, account_id_problem
 from meterline.catalog.schemas import instant_parameter
+from meterline.quotas.desk import QuotaDesk
 from meterline.quotas.plans import PlanId
 from meterline.quotas.schemas import (
     AccountPlanOut,
+    AccountQuotaOut,
     AssignmentIn,
     AssignmentOut,
+    LimitOut,
     PlanIn,
     PlanVersionOut,
 )
 from meterline.quotas.store import PlanNotFound, PlanStore
 
-__all__ = ["AccountPlanController", "PlanController"]
+__all__ = ["AccountPlanController", "AccountQuotaController", "PlanController"]
 
 _ERRORS = [*ACCESS_ERRORS, ValidationException, NotFoundException, ServiceUnavailableException]
 
 PlansDependency = NamedDependency[SkipValidation[PlanStore]]
+QuotasDependency = NamedDependency[SkipValidation[QuotaDesk]]
+_SCOPE_PARAMETER = QueryParameter(
+    description="Also the limits of this scope (its API key's, its model's patterns').",
+    max_length=256,
+)
 _PLAN_ID: TypeAdapter[str] = TypeAdapter(PlanId)
 
 
@@ -150,6 +158,50 @@ class AccountPlanController(Controller):
         if found is None:
             raise NotFoundException(f"no plan assigned to account {account_id!r}")
         return AccountPlanOut.of(*found)
+
+
+class AccountQuotaController(Controller):
+    """What an account has used of each limit of its plan, and what remains."""
+
+    path = "/v1/accounts/{account_id:str}/quota"
+    tags = ("plans",)
+    security = KEY_REQUIRED
+
+    @get(
+        "/",
+        summary="An account's limits: used, remaining, resets",
+        guards=[reads_account],
+        raises=_ERRORS,
+    )
+    async def account_quota(
+        self,
+        quotas: QuotasDependency,
+        account_id: FromPath[str],
+        api_key_id: Annotated[str | None, _SCOPE_PARAMETER] = None,
+        model: Annotated[str | None, _SCOPE_PARAMETER] = None,
+    ) -> AccountQuotaOut:
+        """Per limit of the plan in force now: used (reservations of requests in flight
+        included), the cap, what remains and when its calendar window resets. Counters
+        Redis does not hold are rebuilt from the warehouse first. 503 when Redis does
+        not answer."""
+        from redis.exceptions import RedisError
+
+        try:
+            terms, plan, states = await quotas.usage(
+                _path_account_id(account_id), api_key_id=api_key_id or None, model=model or None
+            )
+        except RedisError as exc:
+            raise ServiceUnavailableException(f"Redis did not answer: {exc}") from exc
+        if not terms.exists:
+            raise AccountNotFound(f"no account {account_id!r}")
+        return AccountQuotaOut(
+            account_id=account_id,
+            timezone=terms.timezone,
+            suspended=terms.suspended,
+            plan_id=None if plan is None else plan.plan_id,
+            plan_version=None if plan is None else plan.version,
+            limits=[LimitOut.of(s) for s in states],
+        )
 
 
 def _path_account_id(account_id: str) -> str:

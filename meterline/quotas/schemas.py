@@ -17,14 +17,17 @@ from pydantic_core import PydanticCustomError
 from meterline.accounts.schemas import DisplayName
 from meterline.catalog.schemas import Instant
 from meterline.money import format_usd
+from meterline.quotas.engine import LimitState
 from meterline.quotas.plans import PlanId, PlanLimits, PlanTerms, PlanVersion
 from meterline.quotas.store import Assignment
 
 __all__ = [
     "MAX_VERSION",
     "AccountPlanOut",
+    "AccountQuotaOut",
     "AssignmentIn",
     "AssignmentOut",
+    "LimitOut",
     "PlanIn",
     "PlanVersionOut",
 ]
@@ -122,3 +125,44 @@ class AccountPlanOut(BaseModel):
     @classmethod
     def of(cls, assignment: Assignment, plan: PlanVersion) -> Self:
         return cls(assignment=AssignmentOut.of(assignment), plan=PlanVersionOut.of(plan))
+
+
+class LimitOut(BaseModel):
+    """One limit of the account, its API key or a model: counts of requests or tokens,
+    or for spend limits decimal USD strings."""
+
+    limit: str = Field(description='e.g. "requests_per_minute", "spend_per_month"')
+    scope: str = Field(description='"account", "api_key:<id>" or "model:<pattern>"')
+    used: str
+    cap: str = Field(description="the plan's limit")
+    remaining: str
+    resets_at: _DateTime | None = Field(
+        None,
+        description="End of the calendar day or month, in the account's time zone; "
+        "null for the rolling minute and requests in flight.",
+    )
+
+    @classmethod
+    def of(cls, state: LimitState) -> Self:
+        def amount(value: int) -> str:
+            return format_usd(value) if state.limit.startswith("spend") else str(value)
+
+        return cls(
+            limit=state.limit,
+            scope=state.scope,
+            used=amount(state.used),
+            cap=amount(state.cap),
+            remaining=amount(state.remaining),
+            resets_at=state.resets_at.isoformat() if state.resets_at else None,
+        )
+
+
+class AccountQuotaOut(BaseModel):
+    """GET /v1/accounts/{account_id}/quota: every limit of the account's plan now."""
+
+    account_id: str
+    timezone: str = Field(description="The account's, in which its days and months run.")
+    suspended: bool
+    plan_id: str | None = Field(None, description="null: no plan, so no limit")
+    plan_version: int | None = None
+    limits: list[LimitOut]

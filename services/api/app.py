@@ -61,7 +61,12 @@ from meterline.catalog.controller import CatalogController
 from meterline.lib.postgres import PostgresError
 from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse.base import Warehouse, WarehouseError, answers
-from meterline.quotas.controller import AccountPlanController, PlanController
+from meterline.quotas.controller import (
+    AccountPlanController,
+    AccountQuotaController,
+    PlanController,
+)
+from meterline.quotas.desk import QuotaDesk
 from meterline.quotas.store import PlanNotFound, PlanStore
 from meterline.usage.controller import UsageController, UsageQuery
 from meterline.usage.report import usage_report
@@ -352,6 +357,7 @@ def create_app(
     auth: Authenticator,
     accounts: Accounts,
     plans: PlanStore | None = None,
+    quotas: QuotaDesk | None = None,
     registry: CollectorRegistry | None = None,
     settings: HttpSettings | None = None,
 ) -> Litestar:
@@ -368,6 +374,8 @@ def create_app(
         plans: Plan versions and the accounts' assignments, under ``/v1/plans``
             and ``/v1/accounts/{account_id}/plan``; without it those routes
             are not mounted.
+        quotas: What each account has used of its plan's limits, served at
+            ``/v1/accounts/{account_id}/quota``; without it that route is not mounted.
         registry: Where the API counts its requests, served at ``/metrics`` with
             whatever else the process registered there. Default: a new one.
         settings: The process's HTTP settings; default: the defaults.
@@ -395,6 +403,9 @@ def create_app(
     if plans is not None:
         handlers += [PlanController, AccountPlanController]
         dependencies["plans"] = _constant(plans)
+    if quotas is not None:
+        handlers.append(AccountQuotaController)
+        dependencies["quotas"] = _constant(quotas)
     if metrics_public:
         handlers.append(prometheus_metrics)
     return Litestar(
