@@ -68,6 +68,8 @@ def start_up(data_dir: Path, *, background: bool = False) -> Iterator[Up]:
         "METERLINE_DATA_DIR": str(data_dir),
         "METERLINE_KAFKA_EMBEDDED_PORT": str(kafka_port),
         "METERLINE_POSTGRES_EMBEDDED_PORT": str(free_port()),
+        "METERLINE_REDIS_EMBEDDED_PORT": str(free_port()),
+        "METERLINE_QUOTA_PORT": str(free_port()),
         "METERLINE_GRPC_PORT": str(grpc_port),
         "METERLINE_HTTP_PORT": str(http_port),
         "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": os.environ.get(

@@ -161,6 +161,9 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
         "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": "50",
         "METERLINE_METRICS_PORT": "0",
         "METERLINE_POSTGRES_URL": settings.postgres.url,
+        # quota settles go to this machine's Redis, under the test's own prefix
+        "METERLINE_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "METERLINE_REDIS_KEY_PREFIX": f"{kafka.consumer_group}:",
         "METERLINE_KEYS_SECRET": settings.keys.secret.get_secret_value(),
         **extra,
     }

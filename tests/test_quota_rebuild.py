@@ -17,7 +17,7 @@ from conftest import unique
 from meterline.lib.settings import QuotaSettings
 from meterline.lib.warehouse.chdb import ChdbWarehouse
 from meterline.money import PICOS_PER_USD
-from meterline.quotas.engine import NeedsRebuild, QuotaEngine, Settlement
+from meterline.quotas.engine import NeedsRebuild, QuotaEngine, Settlement, WindowRef
 from meterline.quotas.plans import Limits, PlanLimits, PlanVersion
 from meterline.quotas.rebuild import WarehouseCounts, rebuild
 from meterline.quotas.windows import Window, window_bounds
@@ -102,12 +102,14 @@ def settlement(e: PricedEvent) -> tuple[Settlement, PlanVersion, str]:
     )
 
 
-async def used(engine: QuotaEngine, account: str, **scope: str) -> dict[tuple[str, str], int]:
-    states = await engine.usage(account, PLAN, "UTC", **scope)
+async def used(
+    engine: QuotaEngine, account: str, *, api_key_id: str, model: str
+) -> dict[tuple[str, str], int]:
+    states = await engine.usage(account, PLAN, "UTC", api_key_id=api_key_id, model=model)
     return {(s.scope, s.limit): s.used for s in states}
 
 
-async def refs_to_rebuild(engine: QuotaEngine, account: str) -> list:  # type: ignore[type-arg]
+async def refs_to_rebuild(engine: QuotaEngine, account: str) -> list[WindowRef]:
     with pytest.raises(NeedsRebuild) as raised:
         await engine.usage(account, PLAN, "UTC", api_key_id="k1", model="gpt-4.1")
     return raised.value.windows
