@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -67,13 +67,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     return _run_service(api_only)
 
 
-def _gateway_key(given: str | None) -> str | None:
-    """--key, else METERLINE_KEY, else the service key ``meterline up`` made in data_dir."""
+def _key(given: str | None, kind: str = "service") -> str | None:
+    """--key, else METERLINE_KEY, else the ``kind`` key ``meterline up`` made in data_dir
+    (the service key for a gateway, the admin key for reading accounts)."""
     if given or os.environ.get("METERLINE_KEY"):
         return given or os.environ["METERLINE_KEY"]
     path = Settings().data_dir / "keys.json"
     try:
-        return str(json.loads(path.read_text())["service_key"])
+        return str(json.loads(path.read_text())[f"{kind}_key"])
     except (OSError, ValueError, KeyError):
         return None
 
@@ -81,13 +82,18 @@ def _gateway_key(given: str | None) -> str | None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from services.simulate import simulate
 
-    key = _gateway_key(args.key)
+    key = _key(args.key)
     if key is None:
         print(
             "meterline simulate: no API key: pass --key or set METERLINE_KEY "
             "(meterline up writes a service key to <data dir>/keys.json)",
             file=sys.stderr,
         )
+    quota_target = None
+    if args.check_quota or args.quota_target:
+        from meterline.lib.settings import QuotaSettings
+
+        quota_target = args.quota_target or f"127.0.0.1:{QuotaSettings().port}"
     totals = asyncio.run(
         simulate(
             args.target,
@@ -97,12 +103,103 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             batch_size=args.batch,
             seed=args.seed,
             key=key,
+            quota_target=quota_target,
+            run_tag=args.run_tag,
         )
     )
     if totals.error:
         print(f"meterline simulate: {totals.error}", file=sys.stderr)
         return 1
-    return 0 if totals.accepted else 1
+    # every request denied is the plans' answer, not a broken setup
+    return 0 if totals.accepted or totals.denied else 1
+
+
+def _api_url(given: str | None) -> str:
+    """--api, else this machine's address of the configured HTTP API."""
+    if given:
+        return given.rstrip("/")
+    from meterline.lib.settings import HttpSettings
+
+    http = HttpSettings()
+    host = "127.0.0.1" if http.host in ("", "0.0.0.0", "::") else http.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{http.port}"
+
+
+def _api_get(base: str, path: str, key: str | None, params: dict[str, str]) -> Any:
+    """GET ``path`` of the HTTP API as JSON; its errors as the CLI's (a 404 naming an
+    account is :class:`AccountNotFound`, exit 1; any other error, exit 1 with the API's
+    detail)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{base}{path}{query}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = str(json.loads(exc.read())["detail"])
+        except (ValueError, KeyError, TypeError):
+            detail = exc.reason
+        if exc.code == 404 and detail.startswith("no account"):
+            raise AccountNotFound(detail) from None
+        hint = " (pass --key, or set METERLINE_KEY)" if exc.code in (401, 403) else ""
+        raise RuntimeError(f"the HTTP API at {base} answered {exc.code}: {detail}{hint}") from None
+    except (urllib.error.URLError, TimeoutError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise OSError(
+            f"cannot reach the HTTP API at {base} ({reason}): is `meterline up` "
+            "(or `meterline api`) running? --api names another address"
+        ) from None
+
+
+def _resets(limit: dict[str, Any], zone: tzinfo) -> str:
+    """When a limit's window ends, in the account's time zone (its midnight reads as one)."""
+    if limit["resets_at"] is not None:
+        return datetime.fromisoformat(limit["resets_at"]).astimezone(zone).isoformat()
+    return "rolling 60 s" if limit["limit"].endswith("_per_minute") else "-"
+
+
+def cmd_quota(args: argparse.Namespace) -> int:
+    """Through the HTTP API: the counters are in Redis and rebuilt from the warehouse,
+    whose embedded chDB only the running server may open."""
+    from urllib.parse import quote
+    from zoneinfo import ZoneInfo
+
+    base = _api_url(args.api)
+    params = {
+        name: value
+        for name, value in (("api_key_id", args.api_key_id), ("model", args.model))
+        if value
+    }
+    quota = _api_get(
+        base,
+        f"/v1/accounts/{quote(args.account_id, safe='')}/quota",
+        _key(args.key, "admin"),
+        params,
+    )
+    zone = ZoneInfo(quota["timezone"])
+    state = " (suspended: every request is denied)" if quota["suspended"] else ""
+    if quota["plan_id"] is None:
+        print(f"account {quota['account_id']} ({quota['timezone']}){state} has no plan: no limits")
+        return 0
+    print(
+        f"account {quota['account_id']} ({quota['timezone']}){state} on plan "
+        f"{quota['plan_id']} version {quota['plan_version']}; spend in USD"
+    )
+    print(f"{'limit':<20} {'scope':<24} {'used':>14} {'cap':>14} {'remaining':>14}  resets at")
+    for limit in quota["limits"]:
+        print(
+            f"{limit['limit']:<20} {limit['scope']:<24} {limit['used']:>14} {limit['cap']:>14} "
+            f"{limit['remaining']:>14}  {_resets(limit, zone)}"
+        )
+    return 0
 
 
 def _price_book() -> PriceBook:
@@ -519,7 +616,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="service API key (default: METERLINE_KEY, else the one `meterline up` wrote "
         "to <data dir>/keys.json)",
     )
+    sim.add_argument(
+        "--check-quota",
+        action="store_true",
+        help="ask the QuotaService before each request, as a gateway enforcing plans does; "
+        "a denied request is not reported",
+    )
+    sim.add_argument(
+        "--quota-target",
+        help="QuotaService address (implies --check-quota; default: 127.0.0.1 and "
+        "METERLINE_QUOTA_PORT, 50052)",
+    )
+    sim.add_argument(
+        "--run-tag",
+        help="the accounts are sim-<tag>-000 and on (default: a new random tag); give one to "
+        "simulate accounts that exist, e.g. on a plan",
+    )
     sim.set_defaults(func=cmd_simulate)
+
+    quota = sub.add_parser(
+        "quota", help="an account's limits now: used, cap, remaining (from the HTTP API)"
+    )
+    quota.add_argument("account_id")
+    quota.add_argument("--api-key-id", help="also the limits of this API key of the account")
+    quota.add_argument("--model", help="also the limits of the plan's patterns this model matches")
+    quota.add_argument(
+        "--api", help="the HTTP API's URL (default: 127.0.0.1 and METERLINE_HTTP_PORT, 8000)"
+    )
+    quota.add_argument(
+        "--key",
+        help="an API key that may read the account (default: METERLINE_KEY, else the admin "
+        "key `meterline up` wrote to <data dir>/keys.json)",
+    )
+    quota.set_defaults(func=cmd_quota)
 
     sub.add_parser("schema", help="print the warehouse DDL").set_defaults(func=cmd_schema)
     rep = sub.add_parser("reprice", help="price events stored unpriced, now that prices exist")

@@ -8,11 +8,16 @@ Account ids carry a run tag, so one run's usage can be looked up on its own.
 If ingest stops answering (it went away, or refused a report), the run stops
 there and still prints its totals: what was sent, what was acknowledged, and
 what failed; ``SentTotals.error`` then says why, in one line.
+
+With ``quota_target`` it also asks the QuotaService before each request, as a
+gateway that enforces plans does: a denied request is not forwarded, so it is
+not reported; the totals count the checks, and the denials by reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -31,7 +36,7 @@ from meterline.catalog import Catalog, seed_versions
 from meterline.lib.settings import IngestSettings
 from meterline.money import format_usd
 from meterline.tokens import TOKEN_FIELDS, TokenUsage
-from meterline.v1 import ingest_pb2, ingest_pb2_grpc, usage_pb2
+from meterline.v1 import ingest_pb2, ingest_pb2_grpc, quota_pb2, quota_pb2_grpc, usage_pb2
 
 #: (model as the gateway names it, provider, weight, reasoning model, cache kind)
 TRAFFIC_MIX: tuple[tuple[str, str, int, bool, str], ...] = (
@@ -49,8 +54,16 @@ TRAFFIC_MIX: tuple[tuple[str, str, int, bool, str], ...] = (
 )
 
 
+#: The least max_output_tokens a simulated request sets; most clients set 256 or more.
+MIN_MAX_OUTPUT_TOKENS = 256
+#: Seconds a CheckQuota may take before the run gives up on the quota service.
+CHECK_TIMEOUT_S = 10.0
+
+
 @dataclass
 class SentTotals:
+    #: requests the gateway handled: reported, or denied by the quota service
+    requests: int = 0
     #: events in the reports sent
     sent: int = 0
     #: events ingest answered for (accepted + rejected)
@@ -66,6 +79,12 @@ class SentTotals:
     picos: int = 0
     per_account: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: CheckQuota answers (only with a quota target); allowed + denied == checked
+    checked: int = 0
+    allowed: int = 0
+    denied: int = 0
+    #: denials by the reason's name, e.g. {"requests_per_minute": 150}
+    denied_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 class Gateway:
@@ -132,6 +151,93 @@ def token_usage(event: usage_pb2.UsageEvent) -> TokenUsage:
     )
 
 
+def max_output_tokens(output_tokens: int) -> int:
+    """The max_tokens a client would have set for a reply of ``output_tokens``: the next
+    power of two, at least :data:`MIN_MAX_OUTPUT_TOKENS` (a cap is set before the reply
+    is known, so it is above what was used)."""
+    return max(MIN_MAX_OUTPUT_TOKENS, 1 << max(output_tokens - 1, 0).bit_length())
+
+
+def check_request(event: usage_pb2.UsageEvent) -> quota_pb2.CheckQuotaRequest:
+    """What a gateway asks before forwarding the request ``event`` will report."""
+    return quota_pb2.CheckQuotaRequest(
+        account_id=event.account_id,
+        api_key_id=event.api_key_id,
+        model=event.model,
+        provider=event.provider,
+        input_tokens=event.input_tokens,
+        max_output_tokens=max_output_tokens(event.output_tokens),
+        event_id=event.event_id,
+    )
+
+
+def reason_name(reason: quota_pb2.DenyReason.ValueType) -> str:
+    """DENY_REASON_REQUESTS_PER_MINUTE -> "requests_per_minute", as the engine names it."""
+    return quota_pb2.DenyReason.Name(reason).removeprefix("DENY_REASON_").lower()
+
+
+class QuotaFailed(Exception):
+    """The quota service failed a check: the run stops, as when ingest fails a report."""
+
+
+class QuotaGate:
+    """Asks the QuotaService before each request, as a gateway that enforces plans does.
+
+    The checks of a batch go out at once (``asyncio.gather``), so a batch costs one
+    round trip, not one per event, and the simulator keeps its rate.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, target: str) -> None:
+        self.stub = quota_pb2_grpc.QuotaServiceStub(channel)
+        self.target = target
+
+    async def admit(
+        self, events: list[usage_pb2.UsageEvent], totals: SentTotals
+    ) -> list[usage_pb2.UsageEvent]:
+        """The events whose requests are allowed; the answers are counted in ``totals``.
+
+        Raises:
+            QuotaFailed: a check got no answer. The batch is not sent, and what this
+                batch reserved is released: those requests never ran.
+        """
+        answers = await asyncio.gather(
+            *(self.stub.CheckQuota(check_request(e), timeout=CHECK_TIMEOUT_S) for e in events),
+            return_exceptions=True,
+        )
+        allowed: list[usage_pb2.UsageEvent] = []
+        failure: grpc.aio.AioRpcError | None = None
+        for event, answer in zip(events, answers, strict=True):
+            if isinstance(answer, grpc.aio.AioRpcError):
+                failure = failure or answer
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            totals.checked += 1
+            if answer.allowed:
+                totals.allowed += 1
+                allowed.append(event)
+            else:
+                totals.denied += 1
+                totals.denied_reasons[reason_name(answer.reason)] += 1
+        if failure is not None:
+            await self._release(allowed)
+            raise QuotaFailed(_one_line(f"quota at {self.target} failed a check", failure))
+        return allowed
+
+    async def _release(self, events: list[usage_pb2.UsageEvent]) -> None:
+        """Best effort: a reservation not released frees itself on expiry anyway."""
+        await asyncio.gather(
+            *(
+                self.stub.ReleaseQuota(
+                    quota_pb2.ReleaseQuotaRequest(account_id=e.account_id, event_id=e.event_id),
+                    timeout=CHECK_TIMEOUT_S,
+                )
+                for e in events
+            ),
+            return_exceptions=True,
+        )
+
+
 async def simulate(
     target: str,
     *,
@@ -143,6 +249,8 @@ async def simulate(
     console: Console | None = None,
     max_message_bytes: int | None = None,
     key: str | None = None,
+    quota_target: str | None = None,
+    run_tag: str | None = None,
 ) -> SentTotals:
     """Send ``rate`` events/s for ``duration_s`` to the ingest service at ``target``.
 
@@ -150,11 +258,16 @@ async def simulate(
     ``METERLINE_GRPC_MAX_MESSAGE_BYTES``, so a report ingest would refuse
     fails here, before it is sent). ``key`` is the service key every report
     presents (None: none, for an ingest run with METERLINE_AUTH=off).
-    Returns the totals, also when ingest failed a report: ``error`` then
-    says why the run stopped.
+    ``quota_target``: the QuotaService to ask before each request (with the
+    same key); a denied request is not reported. None: no checks.
+    ``run_tag``: the accounts are ``sim-<run_tag>-000`` and on (default: a
+    new random tag, so a run's usage can be looked up on its own; give one to
+    simulate accounts that exist already, e.g. on a plan).
+    Returns the totals, also when ingest failed a report or the quota service
+    a check: ``error`` then says why the run stopped.
     """
     console = console or Console()
-    run_tag = uuid.uuid4().hex[:6]
+    run_tag = run_tag or uuid.uuid4().hex[:6]
     gateway = Gateway(accounts, seed, run_tag)
     catalog = Catalog(seed_versions())
     totals = SentTotals()
@@ -165,10 +278,15 @@ async def simulate(
         # one result per event comes back: as large as a report, at most
         ("grpc.max_receive_message_length", limit),
     ]
+    gate: QuotaGate | None = None
     started = time.monotonic()
     try:
-        async with key_channel(target, key, options=options) as channel:
+        async with contextlib.AsyncExitStack() as channels:
+            channel = await channels.enter_async_context(key_channel(target, key, options=options))
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            if quota_target is not None:
+                quota_channel = await channels.enter_async_context(key_channel(quota_target, key))
+                gate = QuotaGate(quota_channel, quota_target)
             with Progress(
                 TextColumn("[bold]simulating[/] {task.completed}/{task.total} events"),
                 BarColumn(),
@@ -177,35 +295,46 @@ async def simulate(
                 console=console,
             ) as progress:
                 task = progress.add_task("send", total=total_events, accepted=0)
-                while totals.sent < total_events:
+                while totals.requests < total_events:
                     events = [
-                        gateway.event() for _ in range(min(batch_size, total_events - totals.sent))
+                        gateway.event()
+                        for _ in range(min(batch_size, total_events - totals.requests))
                     ]
-                    totals.sent += len(events)
-                    try:
-                        response = await stub.ReportUsage(
-                            ingest_pb2.ReportUsageRequest(events=events), timeout=30
-                        )
-                    except grpc.aio.AioRpcError as exc:
-                        totals.failed += len(events)
-                        totals.error = _one_line(target, exc)
-                        break
-                    for event, result in zip(events, response.results, strict=True):
-                        _count(totals, catalog, event, result)
-                    progress.update(task, completed=totals.events, accepted=totals.accepted)
+                    totals.requests += len(events)
+                    if gate is not None:
+                        try:
+                            events = await gate.admit(events, totals)
+                        except QuotaFailed as exc:
+                            totals.error = str(exc)
+                            break
+                    if events:  # all of a batch may be denied: nothing to report then
+                        totals.sent += len(events)
+                        try:
+                            response = await stub.ReportUsage(
+                                ingest_pb2.ReportUsageRequest(events=events), timeout=30
+                            )
+                        except grpc.aio.AioRpcError as exc:
+                            totals.failed += len(events)
+                            totals.error = _one_line(f"ingest at {target} failed a report", exc)
+                            break
+                        for event, result in zip(events, response.results, strict=True):
+                            _count(totals, catalog, event, result)
+                    progress.update(
+                        task, completed=totals.events + totals.denied, accepted=totals.accepted
+                    )
                     # Pace to the requested rate: sleep until this batch is due.
-                    due = started + totals.sent / rate
+                    due = started + totals.requests / rate
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
     finally:  # Ctrl-C too: the totals so far are what the user needs
-        _report(console, totals, run_tag, time.monotonic() - started)
+        _report(console, totals, run_tag, time.monotonic() - started, checked=gate is not None)
     return totals
 
 
-def _one_line(target: str, exc: grpc.aio.AioRpcError) -> str:
-    """Why a report failed, in one line: the status and gRPC's first line of details."""
+def _one_line(what: str, exc: grpc.aio.AioRpcError) -> str:
+    """Why a call failed, in one line: the status and gRPC's first line of details."""
     details = (exc.details() or "").strip().splitlines()
     reason = details[0] if details else "no details"
-    return f"ingest at {target} failed a report: {exc.code().name} ({reason})"
+    return f"{what}: {exc.code().name} ({reason})"
 
 
 def _count(
@@ -232,11 +361,17 @@ def _count(
     totals.per_account[event.account_id] += picos
 
 
-def _report(console: Console, totals: SentTotals, run_tag: str, elapsed: float) -> None:
+def _report(
+    console: Console, totals: SentTotals, run_tag: str, elapsed: float, *, checked: bool
+) -> None:
     rate = totals.events / elapsed if elapsed > 0 else 0.0
     table = Table(title=f"sent in {elapsed:.1f} s ({rate:.0f} events/s acknowledged)")
     table.add_column("what")
     table.add_column("value", justify="right")
+    if checked:
+        table.add_row("requests checked (CheckQuota)", str(totals.checked))
+        table.add_row("requests allowed", str(totals.allowed))
+        table.add_row("requests denied (not sent)", str(totals.denied))
     table.add_row("events sent", str(totals.sent))
     table.add_row("events acknowledged", str(totals.events))
     if totals.failed:
@@ -250,6 +385,10 @@ def _report(console: Console, totals: SentTotals, run_tag: str, elapsed: float) 
     console.print(table)
     for reason, count in totals.reasons.items():
         console.print(f"[red]rejected {count}×[/]: {reason}")
+    if totals.denied:
+        console.print("denied by quota, by reason:")
+        for name, count in sorted(totals.denied_reasons.items(), key=lambda kv: -kv[1]):
+            console.print(f"  {name} {count}")
     if totals.per_account:
         account, picos = max(totals.per_account.items(), key=lambda kv: kv[1])
         console.print(

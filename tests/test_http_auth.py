@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 import pytest
+import redis.asyncio
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
@@ -29,8 +30,9 @@ from meterline.accounts import KeyKind, KeyRing
 from meterline.accounts.keys import new_key
 from meterline.accounts.manage import Accounts, IssuedKey
 from meterline.lib.postgres import Database
-from meterline.lib.settings import HttpSettings
+from meterline.lib.settings import HttpSettings, QuotaSettings
 from meterline.lib.warehouse import Warehouse
+from meterline.quotas.desk import QuotaDesk
 from meterline.quotas.plans import PlanTerms
 from meterline.quotas.postgres import PostgresPlanStore
 from services.api.app import create_app
@@ -70,6 +72,7 @@ POLICY: dict[tuple[str, str], Route] = {
     ("GET", "/v1/plans/{plan_id}/versions"): Route(Policy.ADMIN, 200),
     ("POST", "/v1/accounts/{account_id}/plan"): Route(Policy.ADMIN, 201, missing=404),
     ("GET", "/v1/accounts/{account_id}/plan"): Route(Policy.READS_ACCOUNT, 200, missing=404),
+    ("GET", "/v1/accounts/{account_id}/quota"): Route(Policy.READS_ACCOUNT, 200, missing=404),
 }
 #: Routes anyone may call; so may OPTIONS (Litestar's answer: the methods, nothing else).
 OPEN = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
@@ -169,11 +172,24 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
     plans.assign(names["A"], plan_id, None, now, "matrix")
     # the API's own ring, two hours on: the key that expires in one has expired
     ring = KeyRing(key_ring.store, key_ring.hasher, clock=lambda: now + timedelta(hours=2))
+    # The plan sets no limit, so the quota route answers without asking Redis (whose
+    # client would be bound to one test's loop); the terms are read once, not refreshed
+    # in the background of a test whose loop then closes.
+    quotas = QuotaDesk(
+        redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0"),
+        key_prefix=f"test:{unique('matrix')}:",
+        settings=QuotaSettings(),
+        accounts=accounts.store,
+        plans=plans,
+        warehouse=warehouse,
+        refresh_s=3600,
+    )
     app = create_app(
         warehouse,
         auth=ring.load(),
         accounts=accounts,
         plans=plans,
+        quotas=quotas,
         registry=CollectorRegistry(),
     )
     authorization: dict[str, str | None] = {

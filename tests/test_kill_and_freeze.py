@@ -27,8 +27,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from conftest import event, unique
 from meterline.accounts.manage import Accounts
 from meterline.catalog import Catalog, PriceBook, seed_versions
@@ -40,12 +38,11 @@ from meterline.quotas.plans import PlanTerms, PlanVersion
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.v1 import usage_pb2
 from services.simulate import Gateway, token_usage
-from support.chaos import PipelineFleet, havoc
+from support.chaos import SESSION_TIMEOUT_S, PipelineFleet, env_for, havoc, uncommitted
 from support.consistency import consistent_totals
 
 ROUNDS = int(os.environ.get("METERLINE_SOAK_ROUNDS", "5"))
 EVENTS = int(os.environ.get("METERLINE_SOAK_EVENTS", "6000"))
-SESSION_TIMEOUT_S = 3.0
 
 
 class Expected:
@@ -88,34 +85,6 @@ async def produce(settings: Settings, gateway: Gateway, expected: Expected, coun
         await producer.stop()
 
 
-async def uncommitted(settings: Settings) -> int:
-    """Records of the topic the group has not committed: 0 once all are stored.
-
-    The partitions' ends are read from a fetch's high watermark: the embedded
-    broker's ListOffsets gives the start of the last record batch instead.
-    """
-    kafka = settings.kafka
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=kafka.consumer_group,
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(kafka.topic, p) for p in range(kafka.partitions)]
-        consumer.assign(partitions)
-        committed = {tp: await consumer.committed(tp) or 0 for tp in partitions}
-        for tp in partitions:
-            consumer.seek(tp, max(0, committed[tp] - 1))
-        for _ in range(20):
-            await consumer.getmany(timeout_ms=100)
-            if all(consumer.highwater(tp) is not None for tp in partitions):
-                break
-        return sum(max(0, (consumer.highwater(tp) or 0) - committed[tp]) for tp in partitions)
-    finally:
-        await consumer.stop()
-
-
 async def run_havoc(
     settings: Settings,
     env: dict[str, str],
@@ -147,26 +116,6 @@ async def run_havoc(
         f"{tally.freezes} freezes over {tally.rounds} rounds: {'; '.join(tally.log)}"
     )
     return fleet
-
-
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    kafka = settings.kafka
-    return {
-        "METERLINE_KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-        "METERLINE_KAFKA_TOPIC": kafka.topic,
-        "METERLINE_KAFKA_DEAD_LETTER_TOPIC": kafka.dead_letter_topic,
-        "METERLINE_KAFKA_CONSUMER_GROUP": kafka.consumer_group,
-        "METERLINE_KAFKA_SESSION_TIMEOUT_MS": str(int(SESSION_TIMEOUT_S * 1000)),
-        "METERLINE_PIPELINE_MAX_BATCH_EVENTS": "400",
-        "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": "50",
-        "METERLINE_METRICS_PORT": "0",
-        "METERLINE_POSTGRES_URL": settings.postgres.url,
-        # quota settles go to this machine's Redis, under the test's own prefix
-        "METERLINE_REDIS_URL": "redis://127.0.0.1:6379/0",
-        "METERLINE_REDIS_KEY_PREFIX": f"{kafka.consumer_group}:",
-        "METERLINE_KEYS_SECRET": settings.keys.secret.get_secret_value(),
-        **extra,
-    }
 
 
 async def test_instances_killed_and_frozen_on_the_server_path_count_each_event_once(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -17,7 +16,6 @@ import redis.asyncio
 
 from conftest import Stack, event, unique
 from meterline.accounts import KeyRing
-from meterline.accounts.grpc import key_channel
 from meterline.accounts.manage import Accounts, IssuedKey
 from meterline.accounts.model import AccountStatus, KeyKind
 from meterline.accounts.store import AccountUpdate
@@ -26,44 +24,14 @@ from meterline.lib.settings import QuotaSettings
 from meterline.lib.warehouse import Warehouse
 from meterline.quotas.charges import ChargeBook
 from meterline.quotas.desk import QuotaDesk
-from meterline.quotas.plans import PlanLimits, PlanTerms, PlanVersion
+from meterline.quotas.plans import PlanLimits, PlanTerms
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.quotas.settler import QuotaSettler
 from meterline.quotas.windows import Window, window_bounds
-from meterline.v1 import quota_pb2, quota_pb2_grpc
-from services.quota.server import QuotaServer
+from meterline.v1 import quota_pb2
+from support.quotas import LOCAL_REDIS, Quotas, ask, quota_server
 
-LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 R = quota_pb2.DenyReason
-
-
-@dataclass
-class Quotas:
-    """A quota server of the test's own, and what a test needs around it."""
-
-    address: str
-    desk: QuotaDesk
-    prefix: str
-    accounts: Accounts
-    plans: PostgresPlanStore
-    service_key: IssuedKey
-
-    def stub(self, key: str | None = None) -> quota_pb2_grpc.QuotaServiceAsyncStub:
-        channel = key_channel(self.address, key if key is not None else self.service_key.secret)
-        self._channels.append(channel)
-        return quota_pb2_grpc.QuotaServiceStub(channel)
-
-    def __post_init__(self) -> None:
-        self._channels: list[grpc.aio.Channel] = []
-
-    def account_on(self, *, timezone: str = "UTC", **terms: Any) -> tuple[str, PlanVersion]:
-        """A new account on a new plan, in force since a day ago."""
-        account = unique("quota")
-        self.accounts.store.create_account(account, timezone=timezone)
-        plan = self.plans.add_version(PlanTerms(plan_id=unique("plan"), **terms))
-        since = datetime.now(UTC) - timedelta(days=1)
-        self.plans.assign(account, plan.plan_id, plan.version, since, "test")
-        return account, plan
 
 
 @pytest.fixture(autouse=True)
@@ -84,41 +52,15 @@ async def quotas(
     service_key: IssuedKey,
 ) -> AsyncIterator[Quotas]:
     prefix = f"test:{uuid.uuid4().hex}:"
-    client = redis.asyncio.Redis.from_url(LOCAL_REDIS)
-    plans = PostgresPlanStore(database)
-    desk = QuotaDesk(
-        client,
-        key_prefix=prefix,
-        settings=QuotaSettings(),
-        accounts=accounts.store,
-        plans=plans,
+    async with quota_server(
+        prefix,
         warehouse=warehouse,
-        refresh_s=0.2,
-    )
-    await desk.start()
-    server = QuotaServer(desk, settings=QuotaSettings(port=0), auth=key_ring)
-    await server.start()
-    running = Quotas(server.address, desk, prefix, accounts, plans, service_key)
-    try:
+        database=database,
+        accounts=accounts,
+        key_ring=key_ring,
+        service_key=service_key,
+    ) as running:
         yield running
-    finally:
-        for channel in running._channels:
-            await channel.close(grace=None)
-        await server.stop()
-        await desk.close()
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-
-
-def ask(account: str, **fields: Any) -> quota_pb2.CheckQuotaRequest:
-    fields.setdefault("model", "openai/gpt-4.1-mini")
-    fields.setdefault("provider", "openai")
-    fields.setdefault("input_tokens", 1_000)
-    fields.setdefault("max_output_tokens", 500)
-    fields.setdefault("event_id", str(uuid.uuid4()))
-    return quota_pb2.CheckQuotaRequest(account_id=account, **fields)
 
 
 def limit(answer: quota_pb2.CheckQuotaResponse, name: str, scope: str = "account") -> Any:
