@@ -193,11 +193,11 @@ def cmd_quota(args: argparse.Namespace) -> int:
         f"account {quota['account_id']} ({quota['timezone']}){state} on plan "
         f"{quota['plan_id']} version {quota['plan_version']}; spend in USD"
     )
-    print(f"{'limit':<20} {'scope':<24} {'used':>14} {'cap':>14} {'remaining':>14}  resets at")
+    print(f"{'limit':<20} {'scope':<24} {'used':>12} {'cap':>12} {'remaining':>12}  resets at")
     for limit in quota["limits"]:
         print(
-            f"{limit['limit']:<20} {limit['scope']:<24} {limit['used']:>14} {limit['cap']:>14} "
-            f"{limit['remaining']:>14}  {_resets(limit, zone)}"
+            f"{limit['limit']:<20} {limit['scope']:<24} {limit['used']:>12} {limit['cap']:>12} "
+            f"{limit['remaining']:>12}  {_resets(limit, zone)}"
         )
     return 0
 

@@ -9,11 +9,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio
-from redis.exceptions import RedisError
 
 from conftest import Stack, event, unique
 from meterline.accounts.manage import Accounts
@@ -21,10 +21,11 @@ from meterline.accounts.model import Account
 from meterline.accounts.postgres import PostgresAccountStore
 from meterline.lib.kafka import free_port
 from meterline.lib.postgres import Database
+from meterline.lib.redis_server import EmbeddedRedis
 from meterline.lib.settings import QuotaSettings
 from meterline.money import PICOS_PER_USD
 from meterline.quotas.charges import ChargeBook
-from meterline.quotas.engine import LimitState, QuotaEngine, WindowTotals
+from meterline.quotas.engine import LimitState, NeedsRebuild, QuotaEngine, WindowTotals
 from meterline.quotas.plans import PlanLimits, PlanTerms, PlanVersion
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.quotas.settler import QuotaSettler
@@ -260,15 +261,79 @@ async def test_events_of_an_account_without_a_plan_are_skipped(
     assert written == []
 
 
-async def test_an_unreachable_redis_fails_the_batch(
-    accounts: Accounts, database: Database, make_settler: Callable[..., QuotaSettler]
+async def test_settlements_wait_while_redis_is_down_and_pricing_goes_on(
+    accounts: Accounts,
+    database: Database,
+    make_settler: Callable[..., QuotaSettler],
+    tmp_path: Path,
 ) -> None:
-    account, _ = planned_account(accounts, database)
-    settler = make_settler(f"redis://127.0.0.1:{free_port()}/0", timeout_s=5)
-    batch = [priced(account, input_tokens=1, output_tokens=1, charge_picos=1)]
+    account, plan = planned_account(accounts, database)
+    port = free_port()
+    now = [0.0]
+    # retry_s: the settler's own retries wait for the test's clock, not the wall's
+    settler = make_settler(f"redis://127.0.0.1:{port}/0", retry_s=1_000, clock=lambda: now[0])
 
-    with pytest.raises(RedisError):  # the pipeline retries the batch
+    def batch() -> list[PricedEvent]:
+        return [priced(account, input_tokens=100, output_tokens=10, charge_picos=5)]
+
+    await asyncio.to_thread(settler.on_flush, batch())  # nothing listens: no error
+    assert len(settler.pending) == 1
+    with EmbeddedRedis(port, data_dir=tmp_path) as server:
+        client = redis.asyncio.Redis.from_url(server.url)
+        engine = QuotaEngine(client, key_prefix=settler_prefix(settler), settings=QuotaSettings())
+        try:
+            await seed_day(engine, account, plan, "UTC")
+            now[0] = 500.0  # before the next attempt: the batch only waits
+            await asyncio.to_thread(settler.on_flush, batch())
+            assert len(settler.pending) == 2
+            assert (await day_used(engine, account, plan, "UTC"))["tokens_per_day"] == 0
+            now[0] = 1_001.0
+            await asyncio.to_thread(settler.on_flush, batch())
+            assert settler.pending == []
+            assert await day_used(engine, account, plan, "UTC") == {
+                "tokens_per_day": 3 * 110,
+                "spend_per_day": 3 * 5,
+            }
+        finally:
+            await client.aclose()
+
+
+async def test_settlements_dropped_past_the_bound_make_their_counters_rebuilt(
+    accounts: Accounts,
+    database: Database,
+    make_settler: Callable[..., QuotaSettler],
+    tmp_path: Path,
+) -> None:
+    account, plan = planned_account(accounts, database)
+    port = free_port()
+    now = [0.0]
+    settler = make_settler(
+        f"redis://127.0.0.1:{port}/0", retry_s=1_000, max_pending=2, clock=lambda: now[0]
+    )
+    for _ in range(3):
+        batch = [priced(account, input_tokens=1, output_tokens=1, charge_picos=1)]
         await asyncio.to_thread(settler.on_flush, batch)
+    assert len(settler.pending) == 2 and settler.forgotten == {account}
+    with EmbeddedRedis(port, data_dir=tmp_path) as server:
+        client = redis.asyncio.Redis.from_url(server.url)
+        engine = QuotaEngine(client, key_prefix=settler_prefix(settler), settings=QuotaSettings())
+        try:
+            await seed_day(engine, account, plan, "UTC")
+            now[0] = 1_001.0
+            await asyncio.to_thread(settler.on_flush, [])
+            await asyncio.to_thread(
+                settler.on_flush, [priced(account, input_tokens=1, output_tokens=1, charge_picos=1)]
+            )
+            assert settler.pending == [] and settler.forgotten == set()
+            # the counters that missed a settlement are gone: rebuilt from the warehouse
+            with pytest.raises(NeedsRebuild):
+                await engine.usage(account, plan, "UTC")
+        finally:
+            await client.aclose()
+
+
+def settler_prefix(settler: QuotaSettler) -> str:
+    return settler._engine._prefix
 
 
 async def test_a_time_zone_is_read_once_per_account_per_refresh(

@@ -49,7 +49,7 @@ run on Redis 6.2 and 7 (EVALSHA, ``TIME`` for the clock; no functions).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -255,6 +255,11 @@ def request_scopes(
     if model is not None:
         scopes.extend((f"model:{p}", lim) for p, lim in limits.model_limits(model))
     return scopes
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _spend_cap(usd: Decimal | None) -> int | None:
@@ -702,6 +707,18 @@ class QuotaEngine:
                 len(logs) // 2,
             ]
         return keys, args
+
+    async def forget_windows(self, account_ids: Iterable[str]) -> int:
+        """Delete the accounts' day and month counters, so that the next check rebuilds
+        them from the warehouse (settles were lost). Returns the keys deleted."""
+        deleted = 0
+        for account_id in account_ids:
+            base = _glob_escape(self._base(account_id))
+            for window in Window:
+                keys = [k async for k in self._redis.scan_iter(match=f"{base}{window.value}:*")]
+                if keys:
+                    deleted += int(await self._redis.delete(*keys))
+        return deleted
 
     async def release(self, account_id: str, event_id: str) -> bool:
         """Free the reservation of a request that never ran. False: there was none

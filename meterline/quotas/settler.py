@@ -10,13 +10,23 @@ and a charge of 0, as it was charged.
 The pipeline calls handlers from its worker thread, and a ``redis.asyncio`` client
 must be used on the loop it was made on; so the settler owns one thread running its
 own event loop, with the client and the engine made there, and ``on_flush`` waits for
-the settle on it. A failure is raised to the pipeline, which retries the batch: the
-settle is idempotent by event id.
+the settle on it.
+
+Redis down does not stop billing: the batch is stored and committed, and its
+settlements wait in memory, tried again with the next batch and every
+``retry_s`` (the settle is idempotent by event id, so the order they reach Redis in
+does not matter). While Redis does not answer, a batch costs no wait beyond one
+attempt per ``retry_s``. At most ``max_pending`` settlements wait; beyond, the
+oldest are dropped and their accounts' day and month counters deleted once Redis is
+back, so the next check rebuilds them from the warehouse, where those events are;
+their reservations then expire on their own. PostgreSQL down (the plans, the time
+zones) still fails the batch, as it fails charging.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -24,6 +34,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio
+from redis.exceptions import RedisError
 
 from meterline.accounts.model import AccountNotFound
 from meterline.accounts.store import AccountStore
@@ -33,7 +44,7 @@ from meterline.quotas.engine import QuotaEngine, Settlement
 from meterline.quotas.plans import PlanVersion
 from meterline.usage.model import PricedEvent
 
-__all__ = ["TIMEZONE_REFRESH_S", "QuotaSettler"]
+__all__ = ["MAX_PENDING", "RETRY_S", "TIMEZONE_REFRESH_S", "QuotaSettler"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,12 @@ log = logging.getLogger(__name__)
 TIMEZONE_REFRESH_S = 5.0
 #: Time zone of an account the store does not hold (usage of it may precede its row).
 DEFAULT_TIMEZONE = "UTC"
+#: While Redis does not answer, a settle is tried at most this often.
+RETRY_S = 1.0
+#: Settlements kept while Redis does not answer (ten full batches).
+MAX_PENDING = 200_000
+
+_Item = tuple[Settlement, PlanVersion, str]
 
 _T = TypeVar("_T")
 
@@ -55,7 +72,8 @@ class QuotaSettler:
         settings: the engine's settings (how long a settled event id is remembered).
         plans: the book the pipeline charges with, so both see the same plan.
         accounts: where each account's time zone (its calendar days) is read.
-        timeout_s: longest a batch's settle may take before the batch fails.
+        timeout_s: longest one settle call may take before Redis counts as down.
+        retry_s, max_pending: while Redis is down, see the module's docstring.
     """
 
     name = "quotas"
@@ -69,16 +87,28 @@ class QuotaSettler:
         plans: ChargeBook,
         accounts: AccountStore,
         timeout_s: float = 10,
+        retry_s: float = RETRY_S,
+        max_pending: int = MAX_PENDING,
         timezone_refresh_s: float = TIMEZONE_REFRESH_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.plans = plans
         self.accounts = accounts
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.max_pending = max_pending
         self.timezone_refresh_s = timezone_refresh_s
         self._clock = clock
         #: account -> (when read, its time zone)
         self._timezones: dict[str, tuple[float, str]] = {}
+        #: settlements Redis has not taken yet, oldest first (used on the loop only)
+        self.pending: list[_Item] = []
+        #: accounts whose settlements were dropped: their windows are rebuilt
+        self.forgotten: set[str] = set()
+        self._next_try = 0.0
+        self._down_since: float | None = None
+        self._retrying: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one settle at a time: a batch's or the retry's
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -96,8 +126,11 @@ class QuotaSettler:
     ) -> tuple[redis.asyncio.Redis, QuotaEngine]:
         """The client and engine, made on the settler's loop, where they are used."""
         client = redis.asyncio.Redis.from_url(
-            redis_url, socket_connect_timeout=self.timeout_s, socket_timeout=self.timeout_s
+            redis_url,
+            socket_connect_timeout=min(self.timeout_s, 1.0),
+            socket_timeout=self.timeout_s,
         )
+        self._retrying = asyncio.create_task(self._retry_pending())
         return client, QuotaEngine(client, key_prefix=key_prefix, settings=settings)
 
     def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
@@ -111,8 +144,8 @@ class QuotaSettler:
     # -- the handler --------------------------------------------------------------------
 
     def on_flush(self, events: Sequence[PricedEvent]) -> None:
-        """Settle ``events`` in one engine call; raises (the batch is retried) when the
-        plan store, the account store or Redis fails."""
+        """Settle ``events`` in one engine call (with those waiting for Redis); raises
+        (the batch is retried) when the plan store or the account store fails."""
         if self._closed:
             raise RuntimeError("the quota settler is closed")
         if not events:
@@ -134,10 +167,65 @@ class QuotaSettler:
                 occurred_at=e.occurred_at,
             )
             items.append((settlement, plan, self._timezone(e.account_id)))
-        if not items:
+        if items:
+            self._run(self._settle(items))
+
+    async def _settle(self, items: Sequence[_Item]) -> None:
+        """On the loop: settle the waiting settlements and ``items``, or keep them all
+        waiting when Redis does not answer."""
+        async with self._lock:
+            await self._settle_locked(items)
+
+    async def _settle_locked(self, items: Sequence[_Item]) -> None:
+        self.pending.extend(items)
+        if len(self.pending) > self.max_pending:
+            dropped = self.pending[: len(self.pending) - self.max_pending]
+            del self.pending[: len(dropped)]
+            self.forgotten.update(item[0].account_id for item in dropped)
+            log.error(
+                "quotas: %d settlements dropped (Redis has not answered for long); the "
+                "day and month counters of %d accounts will be rebuilt from the warehouse",
+                len(dropped),
+                len({item[0].account_id for item in dropped}),
+            )
+        if not self.pending or self._clock() < self._next_try:
             return
-        applied = self._run(self._engine.settle(items))
-        log.debug("quotas: settled %d of %d events (%d applied)", len(items), len(events), applied)
+        try:
+            if self.forgotten:
+                await self._engine.forget_windows(self.forgotten)
+                self.forgotten.clear()
+            applied = await self._engine.settle(self.pending)
+        except (RedisError, OSError) as exc:
+            self._next_try = self._clock() + self.retry_s
+            if self._down_since is None:
+                self._down_since = self._clock()
+                log.error(
+                    "quotas: Redis did not take %d settlements (%s); pricing goes on, they "
+                    "wait and are tried again every %.0f s",
+                    len(self.pending),
+                    exc,
+                    self.retry_s,
+                )
+            return
+        if self._down_since is not None:
+            log.info(
+                "quotas: Redis answers again after %.0f s: %d waiting settlements applied",
+                self._clock() - self._down_since,
+                len(self.pending),
+            )
+            self._down_since = None
+        log.debug("quotas: settled %d events (%d applied)", len(self.pending), applied)
+        self.pending.clear()
+
+    async def _retry_pending(self) -> None:
+        """Waiting settlements reach Redis without waiting for the next batch."""
+        while True:
+            await asyncio.sleep(self.retry_s)
+            if self.pending:
+                try:
+                    await self._settle(())
+                except Exception:  # logged; the next batch tries again
+                    log.exception("quotas: retrying waiting settlements failed")
 
     def _timezone(self, account_id: str) -> str:
         """The account's time zone, read once per account per ``timezone_refresh_s``."""
@@ -159,12 +247,25 @@ class QuotaSettler:
         if self._closed:
             return
         self._closed = True
+        if self.pending:
+            log.warning(
+                "quotas: stopping with %d settlements Redis has not taken; their "
+                "reservations expire on their own",
+                len(self.pending),
+            )
         try:
+            self._run(self._stop_retrying())
             self._run(self._redis.aclose())
         except Exception as exc:  # the loop stops all the same
             log.warning("quotas: closing the Redis client failed: %s", exc)
         finally:
             self._stop_loop()
+
+    async def _stop_retrying(self) -> None:
+        if self._retrying is not None:
+            self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
