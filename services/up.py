@@ -454,9 +454,8 @@ async def quota_server(
     try:
         client = await connect_redis(settings.redis_url)
     except RedisUnavailable as exc:  # checks answer as when_redis_down says until it is
-        log.warning(
-            "%s; quota checks are %sed until it answers", exc, settings.quota.when_redis_down
-        )
+        verdict = "allowed" if settings.quota.when_redis_down == "allow" else "denied"
+        log.warning("%s; quota checks are %s until it answers", exc, verdict)
         client = redis.asyncio.Redis.from_url(
             settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
         )

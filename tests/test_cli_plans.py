@@ -12,7 +12,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from test_quota_api import account_on, check, priced_model, quota_desk, serving
 
 from conftest import run, unique
 from meterline.accounts import KeyKind, KeyRing
@@ -23,6 +22,7 @@ from meterline.lib.warehouse import Warehouse
 from meterline.quotas.desk import QuotaDesk
 from meterline.quotas.plans import Limits, PlanLimits
 from meterline.quotas.windows import Window, window_bounds
+from support.quotas import account_on, check, priced_model, quota_desk, serving
 
 
 def test_plans_from_the_cli(

@@ -12,23 +12,28 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import httpx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from meterline.accounts.grpc import key_channel
 from meterline.lib.kafka import free_port
 from meterline.money import format_usd
+from meterline.v1 import ingest_pb2, ingest_pb2_grpc, quota_pb2, quota_pb2_grpc, usage_pb2
 from services.simulate import SentTotals, simulate
 
 
 class Up(NamedTuple):
     process: subprocess.Popen[str]
     target: str  # the ingest gRPC address
+    quotas: str  # the quota gRPC address
     api: str
     kafka_port: int
     banner: str
@@ -63,13 +68,13 @@ def running(pid: int) -> bool:
 def start_up(data_dir: Path, *, background: bool = False) -> Iterator[Up]:
     """`meterline up` in a process group of its own, on free ports; ``background``: SIGINT
     ignored, as a shell script's ``meterline up &`` starts it."""
-    grpc_port, http_port, kafka_port = free_port(), free_port(), free_port()
+    grpc_port, http_port, kafka_port, quota_port = (free_port() for _ in range(4))
     env = os.environ | {
         "METERLINE_DATA_DIR": str(data_dir),
         "METERLINE_KAFKA_EMBEDDED_PORT": str(kafka_port),
         "METERLINE_POSTGRES_EMBEDDED_PORT": str(free_port()),
         "METERLINE_REDIS_EMBEDDED_PORT": str(free_port()),
-        "METERLINE_QUOTA_PORT": str(free_port()),
+        "METERLINE_QUOTA_PORT": str(quota_port),
         "METERLINE_GRPC_PORT": str(grpc_port),
         "METERLINE_HTTP_PORT": str(http_port),
         "METERLINE_PIPELINE_MAX_BATCH_WAIT_MS": os.environ.get(
@@ -98,8 +103,9 @@ def start_up(data_dir: Path, *, background: bool = False) -> Iterator[Up]:
                 break
         text = "".join(banner)
         assert f"127.0.0.1:{grpc_port}" in text and f"http://127.0.0.1:{http_port}" in text, text
+        assert f"quotas (gRPC)     127.0.0.1:{quota_port}" in text, text
         target, api = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
-        yield Up(process, target, api, kafka_port, text, data_dir)
+        yield Up(process, target, f"127.0.0.1:{quota_port}", api, kafka_port, text, data_dir)
     finally:
         if process.poll() is None:
             process.kill()
@@ -160,6 +166,70 @@ async def test_simulated_gateway_traffic_is_billed_exactly_and_sigterm_stops_cle
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "meterline stopped" in output
+
+
+async def test_a_gateway_asks_before_each_request_and_its_usage_settles_the_answer(
+    meterline_up: Up,
+) -> None:
+    """`meterline up` alone: a plan of 2 requests in flight, checks over its quota port,
+    usage over ingest, and the settle by its pipeline frees the slots."""
+    account = "front-door-quotas"
+    async with httpx.AsyncClient(base_url=meterline_up.api, headers=meterline_up.admin()) as http:
+        for path, body in (
+            ("/v1/accounts", {"account_id": account, "timezone": "Asia/Tokyo"}),
+            ("/v1/plans", {"plan_id": "two", "limits": {"max_in_flight": 2}}),
+            (f"/v1/accounts/{account}/plan", {"plan_id": "two"}),
+        ):
+            assert (await http.post(path, json=body)).status_code == 201, path
+        async with (
+            key_channel(meterline_up.quotas, meterline_up.key("service")) as quota_channel,
+            key_channel(meterline_up.target, meterline_up.key("service")) as ingest_channel,
+        ):
+            quotas = quota_pb2_grpc.QuotaServiceStub(quota_channel)
+            ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+
+            async def check(event_id: str) -> quota_pb2.CheckQuotaResponse:
+                return await quotas.CheckQuota(
+                    quota_pb2.CheckQuotaRequest(
+                        account_id=account,
+                        model="openai/gpt-4.1-mini",
+                        provider="openai",
+                        input_tokens=100,
+                        max_output_tokens=100,
+                        event_id=event_id,
+                    )
+                )
+
+            ids = [str(uuid.uuid4()) for _ in range(3)]
+            first, second, third = [await check(i) for i in ids]
+            assert first.allowed and second.allowed
+            assert not third.allowed and third.reason == quota_pb2.DENY_REASON_IN_FLIGHT
+            events = [usage_event(account, i) for i in ids[:2]]
+            reported = await ingest.ReportUsage(ingest_pb2.ReportUsageRequest(events=events))
+            assert reported.accepted == 2
+            deadline = time.monotonic() + 30
+            while not (answer := await check(str(uuid.uuid4()))).allowed:  # a slot freed
+                assert time.monotonic() < deadline, answer.message
+                await asyncio.sleep(0.2)
+        quota = (await http.get(f"/v1/accounts/{account}/quota")).json()
+    assert quota["timezone"] == "Asia/Tokyo" and quota["plan_id"] == "two"
+    assert [(q["limit"], q["used"], q["cap"]) for q in quota["limits"]] == [("in_flight", "1", "2")]
+
+
+def usage_event(account: str, event_id: str) -> usage_pb2.UsageEvent:
+    """The usage event of a request the check allowed: it carries the check's id."""
+    occurred = Timestamp()
+    occurred.GetCurrentTime()
+    return usage_pb2.UsageEvent(
+        event_id=event_id,
+        occurred_at=occurred,
+        account_id=account,
+        model="openai/gpt-4.1-mini",
+        provider="openai",
+        status=usage_pb2.REQUEST_STATUS_OK,
+        input_tokens=100,
+        output_tokens=40,
+    )
 
 
 @pytest.fixture

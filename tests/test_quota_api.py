@@ -8,8 +8,6 @@ the app on a loop of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
@@ -18,26 +16,18 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-import redis.asyncio
-from redis.exceptions import RedisError
 
 from conftest import bearer, unique
 from meterline.accounts import KeyKind, KeyRing
 from meterline.accounts.manage import Accounts, IssuedKey
-from meterline.catalog import PriceBook, parse_price
 from meterline.lib.kafka import free_port
-from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.postgres import Database
-from meterline.lib.settings import HttpSettings, QuotaSettings, Settings
 from meterline.lib.warehouse import Warehouse
 from meterline.quotas.desk import QuotaDesk
-from meterline.quotas.engine import QuotaRequest
-from meterline.quotas.plans import Limits, PlanLimits, PlanTerms
-from meterline.quotas.postgres import PostgresPlanStore
+from meterline.quotas.plans import Limits, PlanLimits
 from meterline.quotas.windows import Window, window_bounds
-from services.up import Access, ApiServer
+from support.quotas import account_on, check, priced_model, quota_desk, serving
 
-LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 TOKYO = "Asia/Tokyo"
 Client = httpx.AsyncClient
 
@@ -50,63 +40,6 @@ async def clear_of_midnight() -> None:
     wait = min(ends) - now
     if wait < timedelta(seconds=30):
         await asyncio.sleep(wait.total_seconds() + 0.5)
-
-
-def priced_model(warehouse: Warehouse) -> str:
-    """A model of the caller's own at round rates, $1 input and $2 output per million
-    tokens, so a charge can be worked out by hand."""
-    name = unique("quota-model")
-    price = {
-        "model": name,
-        "provider": "acme",
-        "effective_from": "2025-01-01T00:00:00Z",
-        "rates": {"input": "1", "output": "2"},
-    }
-    PriceBook(warehouse).add([parse_price(price)])
-    return name
-
-
-@contextlib.asynccontextmanager
-async def quota_desk(
-    warehouse: Warehouse, database: Database, accounts: Accounts, redis_url: str = LOCAL_REDIS
-) -> AsyncIterator[QuotaDesk]:
-    """A desk on a key prefix of its own, its catalog loaded; its keys deleted after."""
-    prefix = f"test:{uuid.uuid4().hex}:"
-    client = redis.asyncio.Redis.from_url(redis_url)
-    desk = QuotaDesk(
-        client,
-        key_prefix=prefix,
-        settings=QuotaSettings(),
-        accounts=accounts.store,
-        plans=PostgresPlanStore(database),
-        warehouse=warehouse,
-    )
-    await desk.start()
-    try:
-        yield desk
-    finally:
-        await desk.close()
-        with contextlib.suppress(RedisError):  # a Redis that is down holds no keys
-            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-        await client.aclose()
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    warehouse: Warehouse, key_ring: KeyRing, accounts: Accounts, desk: QuotaDesk
-) -> AsyncIterator[str]:
-    """The HTTP API with ``desk`` behind its quota route, as `meterline up` runs it; yields
-    its URL."""
-    settings = Settings(http=HttpSettings(port=free_port()))
-    access = Access(key_ring, accounts, key_ring, desk.plans)
-    server = ApiServer(settings, warehouse, CollectorRegistry(), access, desk)
-    await server.start()
-    try:
-        yield server.address
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
@@ -137,33 +70,6 @@ async def client(
         httpx.AsyncClient(base_url=url, headers=bearer(admin_key)) as http,
     ):
         yield http
-
-
-def account_on(desk: QuotaDesk, accounts: Accounts, *, timezone: str = "UTC", **terms: Any) -> str:
-    """A new account on a new plan, in force since a day ago."""
-    account = unique("quota-api")
-    accounts.store.create_account(account, timezone=timezone)
-    plan = desk.plans.add_version(PlanTerms(plan_id=unique("plan"), **terms))
-    since = datetime.now(UTC) - timedelta(days=1)
-    desk.plans.assign(account, plan.plan_id, plan.version, since, "test")
-    return account
-
-
-async def check(
-    desk: QuotaDesk, account: str, model: str, *, api_key_id: str | None = None
-) -> None:
-    """One request of 1,000 input tokens and max_tokens 500, which must be allowed."""
-    request = QuotaRequest(
-        account_id=account,
-        api_key_id=api_key_id,
-        model=model,
-        provider="acme",
-        input_tokens=1_000,
-        max_output_tokens=500,
-        event_id=str(uuid.uuid4()),
-    )
-    decision = await desk.check(request)
-    assert decision.allowed, decision.message
 
 
 def limits(body: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str, str]]:

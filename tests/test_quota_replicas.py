@@ -91,6 +91,7 @@ def replicas(
         client.close()
 
 
+@pytest.mark.timeout(120 + 2 * SOAK_S)
 async def test_three_replicas_admit_the_plans_minute_not_three_times_it(
     replicas: tuple[list[str], str],
     accounts: Accounts,

@@ -80,7 +80,7 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> 
 async def test_an_allowed_check_reserves_the_charge_the_pipeline_would_make(
     quotas: Quotas,
 ) -> None:
-    account, _ = quotas.account_on(
+    account = quotas.account_on(
         limits=PlanLimits(spend_per_day_usd=Decimal(1), tokens_per_month=1_000_000),
         price_multiplier="1.5",
         request_fee_usd="0.001",
@@ -98,7 +98,7 @@ async def test_an_allowed_check_reserves_the_charge_the_pipeline_would_make(
 
 
 async def test_a_huge_max_tokens_reserves_only_the_configured_output(quotas: Quotas) -> None:
-    account, _ = quotas.account_on(limits=PlanLimits(tokens_per_day=100_000))
+    account = quotas.account_on(limits=PlanLimits(tokens_per_day=100_000))
     answer = await quotas.stub().CheckQuota(ask(account, input_tokens=10, max_output_tokens=10**7))
     assert answer.allowed
     assert limit(answer, "tokens_per_day").used == str(10 + 16_384)
@@ -106,7 +106,7 @@ async def test_a_huge_max_tokens_reserves_only_the_configured_output(quotas: Quo
 
 async def test_denials_name_the_limit_that_tripped(quotas: Quotas) -> None:
     stub = quotas.stub()
-    account, _ = quotas.account_on(
+    account = quotas.account_on(
         limits=PlanLimits(requests_per_minute=2, models_refused=["claude*"])
     )
     assert (await stub.CheckQuota(ask(account))).allowed
@@ -123,7 +123,7 @@ async def test_denials_name_the_limit_that_tripped(quotas: Quotas) -> None:
 
 async def test_a_suspended_account_is_denied_within_the_refresh(quotas: Quotas) -> None:
     stub = quotas.stub()
-    account, _ = quotas.account_on(limits=PlanLimits(requests_per_day=1_000))
+    account = quotas.account_on(limits=PlanLimits(requests_per_day=1_000))
     assert (await stub.CheckQuota(ask(account))).allowed
     quotas.accounts.store.update_account(account, AccountUpdate(status=AccountStatus.SUSPENDED))
 
@@ -143,7 +143,7 @@ async def test_an_account_without_a_plan_is_allowed_without_limits(quotas: Quota
 
 async def test_release_frees_the_in_flight_slot_once(quotas: Quotas) -> None:
     stub = quotas.stub()
-    account, _ = quotas.account_on(limits=PlanLimits(max_in_flight=1))
+    account = quotas.account_on(limits=PlanLimits(max_in_flight=1))
     first = ask(account)
     assert (await stub.CheckQuota(first)).allowed
     second = await stub.CheckQuota(ask(account))
@@ -157,7 +157,7 @@ async def test_release_frees_the_in_flight_slot_once(quotas: Quotas) -> None:
 
 async def test_a_retried_check_reserves_once(quotas: Quotas) -> None:
     stub = quotas.stub()
-    account, _ = quotas.account_on(limits=PlanLimits(requests_per_minute=5))
+    account = quotas.account_on(limits=PlanLimits(requests_per_minute=5))
     request = ask(account)
     for _ in range(3):
         assert (await stub.CheckQuota(request)).allowed
@@ -180,7 +180,7 @@ async def test_a_retried_check_reserves_once(quotas: Quotas) -> None:
 async def test_a_malformed_check_is_refused_naming_its_field(
     quotas: Quotas, fields: dict[str, Any], named: str
 ) -> None:
-    account, _ = quotas.account_on()
+    account = quotas.account_on()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await quotas.stub().CheckQuota(ask(account, **fields))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -188,8 +188,8 @@ async def test_a_malformed_check_is_refused_naming_its_field(
 
 
 async def test_only_keys_that_may_act_for_the_account_may_ask(quotas: Quotas) -> None:
-    account, _ = quotas.account_on()
-    other, _ = quotas.account_on()
+    account = quotas.account_on()
+    other = quotas.account_on()
     own = quotas.accounts.issue_key(KeyKind.ACCOUNT, account_id=account)
     scoped = quotas.accounts.issue_key(KeyKind.SERVICE, account_ids=[other])
 
@@ -249,7 +249,7 @@ def ask_engine(account: str) -> Any:
 async def test_the_pipeline_settles_the_reservation_with_what_was_used(
     quotas: Quotas, stack: Stack, database: Database
 ) -> None:
-    account, _ = quotas.account_on(
+    account = quotas.account_on(
         limits=PlanLimits(spend_per_day_usd=Decimal(1), max_in_flight=1),
         request_fee_usd="0.001",
     )

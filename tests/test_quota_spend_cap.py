@@ -144,7 +144,7 @@ async def spend_cap_run(
         key_ring=key_ring,
         service_key=service_key,
     ) as quotas:
-        account, _ = quotas.account_on(limits=PlanLimits(spend_per_month_usd=CAP_USD))
+        account = quotas.account_on(limits=PlanLimits(spend_per_month_usd=CAP_USD))
         env = env_for(settings, METERLINE_CLICKHOUSE_URL=clickhouse_url)
         fleet = PipelineFleet(env, 1, tmp_path)
         fleet.start_all()

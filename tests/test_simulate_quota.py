@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from rich.console import Console
-from test_quota_api import quota_desk
 
 from conftest import Stack
 from meterline.accounts import KeyRing
@@ -27,6 +26,7 @@ from meterline.quotas.postgres import PostgresPlanStore
 from services.ingest.server import IngestServer
 from services.quota.server import QuotaServer
 from services.simulate import SentTotals, max_output_tokens, simulate
+from support.quotas import quota_desk
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from meterline.accounts.http import (
 from meterline.accounts.model import MAX_ACCOUNT_ID_LENGTH, AccountNotFound, account_id_problem
 from meterline.catalog.schemas import instant_parameter
 from meterline.quotas.desk import QuotaDesk
+from meterline.quotas.engine import NeedsRebuild
 from meterline.quotas.plans import PlanId
 from meterline.quotas.schemas import (
     AccountPlanOut,
@@ -192,6 +193,10 @@ class AccountQuotaController(Controller):
             )
         except RedisError as exc:
             raise ServiceUnavailableException(f"Redis did not answer: {exc}") from exc
+        except NeedsRebuild as exc:  # rebuilt, and gone again: Redis is losing keys
+            raise ServiceUnavailableException(
+                f"the account's counters are not in Redis ({exc}); retry"
+            ) from exc
         if not terms.exists:
             raise AccountNotFound(f"no account {account_id!r}")
         return AccountQuotaOut(

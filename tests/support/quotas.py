@@ -1,6 +1,6 @@
-"""A quota gRPC server of a test's own: a QuotaServer and its QuotaDesk over this
-machine's Redis (under a key prefix, deleted after), the run's PostgreSQL and the
-session's chDB; and the requests and plans the quota tests make."""
+"""Quota servers of a test's own: a QuotaDesk over this machine's Redis (under a key
+prefix, deleted after), the run's PostgreSQL and the session's chDB, behind the quota
+gRPC server or the HTTP API; and the plans, prices and requests the quota tests make."""
 
 from __future__ import annotations
 
@@ -13,19 +13,25 @@ from typing import Any
 
 import grpc
 import redis.asyncio
+from redis.exceptions import RedisError
 
 from conftest import unique
 from meterline.accounts import KeyRing
 from meterline.accounts.grpc import key_channel
 from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.catalog import PriceBook, parse_price
+from meterline.lib.kafka import free_port
+from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.postgres import Database
-from meterline.lib.settings import QuotaSettings
+from meterline.lib.settings import HttpSettings, QuotaSettings, Settings
 from meterline.lib.warehouse import Warehouse
-from meterline.quotas.desk import QuotaDesk
-from meterline.quotas.plans import PlanTerms, PlanVersion
+from meterline.quotas.desk import TERMS_REFRESH_S, QuotaDesk
+from meterline.quotas.engine import QuotaRequest
+from meterline.quotas.plans import PlanTerms
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.server import QuotaServer
+from services.up import Access, ApiServer
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -38,7 +44,6 @@ class Quotas:
     desk: QuotaDesk
     prefix: str
     accounts: Accounts
-    plans: PostgresPlanStore
     service_key: IssuedKey
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -48,14 +53,9 @@ class Quotas:
         self.channels.append(channel)
         return quota_pb2_grpc.QuotaServiceStub(channel)
 
-    def account_on(self, *, timezone: str = "UTC", **terms: Any) -> tuple[str, PlanVersion]:
+    def account_on(self, *, timezone: str = "UTC", **terms: Any) -> str:
         """A new account on a new plan, in force since a day ago."""
-        account = unique("quota")
-        self.accounts.store.create_account(account, timezone=timezone)
-        plan = self.plans.add_version(PlanTerms(plan_id=unique("plan"), **terms))
-        since = datetime.now(UTC) - timedelta(days=1)
-        self.plans.assign(account, plan.plan_id, plan.version, since, "test")
-        return account, plan
+        return account_on(self.desk, self.accounts, timezone=timezone, **terms)
 
 
 def ask(account: str, **fields: Any) -> quota_pb2.CheckQuotaRequest:
@@ -68,6 +68,98 @@ def ask(account: str, **fields: Any) -> quota_pb2.CheckQuotaRequest:
     return quota_pb2.CheckQuotaRequest(account_id=account, **fields)
 
 
+def priced_model(warehouse: Warehouse) -> str:
+    """A model of the caller's own at round rates, $1 input and $2 output per million
+    tokens, so a charge can be worked out by hand."""
+    name = unique("quota-model")
+    price = {
+        "model": name,
+        "provider": "acme",
+        "effective_from": "2025-01-01T00:00:00Z",
+        "rates": {"input": "1", "output": "2"},
+    }
+    PriceBook(warehouse).add([parse_price(price)])
+    return name
+
+
+@contextlib.asynccontextmanager
+async def quota_desk(
+    warehouse: Warehouse,
+    database: Database,
+    accounts: Accounts,
+    redis_url: str = LOCAL_REDIS,
+    *,
+    prefix: str | None = None,
+    refresh_s: float = TERMS_REFRESH_S,
+) -> AsyncIterator[QuotaDesk]:
+    """A desk on a key prefix of its own (or ``prefix``), its catalog loaded; its keys
+    deleted after."""
+    prefix = prefix or f"test:{uuid.uuid4().hex}:"
+    client = redis.asyncio.Redis.from_url(redis_url)
+    desk = QuotaDesk(
+        client,
+        key_prefix=prefix,
+        settings=QuotaSettings(),
+        accounts=accounts.store,
+        plans=PostgresPlanStore(database),
+        warehouse=warehouse,
+        refresh_s=refresh_s,
+    )
+    await desk.start()
+    try:
+        yield desk
+    finally:
+        await desk.close()
+        with contextlib.suppress(RedisError):  # a Redis that is down holds no keys
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    warehouse: Warehouse, key_ring: KeyRing, accounts: Accounts, desk: QuotaDesk
+) -> AsyncIterator[str]:
+    """The HTTP API with ``desk`` behind its quota route, as `meterline up` runs it; yields
+    its URL."""
+    settings = Settings(http=HttpSettings(port=free_port()))
+    access = Access(key_ring, accounts, key_ring, desk.plans)
+    server = ApiServer(settings, warehouse, CollectorRegistry(), access, desk)
+    await server.start()
+    try:
+        yield server.address
+    finally:
+        await server.stop()
+
+
+def account_on(desk: QuotaDesk, accounts: Accounts, *, timezone: str = "UTC", **terms: Any) -> str:
+    """A new account on a new plan, in force since a day ago."""
+    account = unique("quota-api")
+    accounts.store.create_account(account, timezone=timezone)
+    plan = desk.plans.add_version(PlanTerms(plan_id=unique("plan"), **terms))
+    since = datetime.now(UTC) - timedelta(days=1)
+    desk.plans.assign(account, plan.plan_id, plan.version, since, "test")
+    return account
+
+
+async def check(
+    desk: QuotaDesk, account: str, model: str, *, api_key_id: str | None = None
+) -> None:
+    """One request of 1,000 input tokens and max_tokens 500, which must be allowed."""
+    request = QuotaRequest(
+        account_id=account,
+        api_key_id=api_key_id,
+        model=model,
+        provider="acme",
+        input_tokens=1_000,
+        max_output_tokens=500,
+        event_id=str(uuid.uuid4()),
+    )
+    decision = await desk.check(request)
+    assert decision.allowed, decision.message
+
+
 @contextlib.asynccontextmanager
 async def quota_server(
     prefix: str,
@@ -77,31 +169,16 @@ async def quota_server(
     accounts: Accounts,
     key_ring: KeyRing,
     service_key: IssuedKey,
-    settings: QuotaSettings | None = None,
 ) -> AsyncIterator[Quotas]:
-    client = redis.asyncio.Redis.from_url(LOCAL_REDIS)
-    plans = PostgresPlanStore(database)
-    desk = QuotaDesk(
-        client,
-        key_prefix=prefix,
-        settings=settings or QuotaSettings(),
-        accounts=accounts.store,
-        plans=plans,
-        warehouse=warehouse,
-        refresh_s=0.2,
-    )
-    await desk.start()
-    server = QuotaServer(desk, settings=QuotaSettings(port=0), auth=key_ring)
-    await server.start()
-    running = Quotas(server.address, desk, prefix, accounts, plans, service_key)
-    try:
-        yield running
-    finally:
-        for channel in running.channels:
-            await channel.close(grace=None)
-        await server.stop()
-        await desk.close()
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+    """A quota gRPC server over a desk on ``prefix``, whose account terms refresh every
+    0.2 s (a suspension shows quickly)."""
+    async with quota_desk(warehouse, database, accounts, prefix=prefix, refresh_s=0.2) as desk:
+        server = QuotaServer(desk, settings=QuotaSettings(port=0), auth=key_ring)
+        await server.start()
+        running = Quotas(server.address, desk, prefix, accounts, service_key)
+        try:
+            yield running
+        finally:
+            for channel in running.channels:
+                await channel.close(grace=None)
+            await server.stop()
