@@ -21,7 +21,7 @@ from meterline.accounts import Account, AccountExists, AccountNotFound, ApiKey, 
 from meterline.accounts.manage import Accounts
 from meterline.catalog import PriceBook
 from meterline.lib.logging import configure_logging
-from meterline.lib.settings import LogSettings, Settings
+from meterline.lib.settings import IngestSettings, LogSettings, Settings
 from meterline.quotas.plans import PlanVersion
 from meterline.quotas.store import PlanNotFound, PlanStore
 
@@ -94,9 +94,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from meterline.lib.settings import QuotaSettings
 
         quota_target = args.quota_target or f"127.0.0.1:{QuotaSettings().port}"
+    target = args.target or f"127.0.0.1:{IngestSettings().port}"
     totals = asyncio.run(
         simulate(
-            args.target,
+            target,
             rate=args.rate,
             duration_s=args.duration,
             accounts=args.accounts,
@@ -605,7 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="run the HTTP API").set_defaults(func=cmd_api)
 
     sim = sub.add_parser("simulate", help="act as a gateway: send usage over gRPC")
-    sim.add_argument("--target", default="127.0.0.1:50051", help="ingest address")
+    sim.add_argument(
+        "--target", help="ingest address (default: 127.0.0.1 and METERLINE_GRPC_PORT, 50051)"
+    )
     sim.add_argument("--rate", type=float, default=200.0, help="events per second")
     sim.add_argument("--duration", type=float, default=10.0, help="seconds")
     sim.add_argument("--accounts", type=int, default=20, help="distinct accounts")
