@@ -262,7 +262,10 @@ async def serve(setup: Setup) -> None:
             await desk.start()
             server = QuotaServer(desk, settings=settings, auth=auth)
             await server.start()
-            print(json.dumps({"port": server.port, "pid": os.getpid()}), flush=True)
+            print(
+                json.dumps({"port": int(server.address.rpartition(":")[2]), "pid": os.getpid()}),
+                flush=True,
+            )
             while line := await asyncio.to_thread(sys.stdin.readline):
                 command, *words = line.split()
                 answer: Any

@@ -20,7 +20,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ from meterline.quotas.plans import PlanTerms, PlanVersion
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.v1 import usage_pb2
 from services.simulate import Gateway, token_usage
-from support.chaos import SESSION_TIMEOUT_S, PipelineFleet, env_for, havoc, uncommitted
+from support.chaos import SESSION_TIMEOUT_S, PipelineFleet, drained, env_for, havoc
 from support.consistency import consistent_totals
 
 ROUNDS = int(os.environ.get("METERLINE_SOAK_ROUNDS", "5"))
@@ -104,11 +103,7 @@ async def run_havoc(
     )
     await produce(settings, gateway, expected, EVENTS - EVENTS * 2 // 3)
     tally = await chaos
-    deadline = time.monotonic() + 120 + EVENTS / 2000
-    while (left := await uncommitted(settings)) > 0:
-        fleet.check_alive()
-        assert time.monotonic() < deadline, f"{left} records never committed\n{fleet.logs()}"
-        await asyncio.sleep(0.5)
+    await drained(settings, fleet, 120 + EVENTS / 2000)
     codes = fleet.stop_all()
     assert codes == [0] * instances, fleet.logs()
     print(

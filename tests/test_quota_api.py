@@ -7,7 +7,6 @@ the app on a loop of its own.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
@@ -25,21 +24,15 @@ from meterline.lib.postgres import Database
 from meterline.lib.warehouse import Warehouse
 from meterline.quotas.desk import QuotaDesk
 from meterline.quotas.plans import Limits, PlanLimits
-from meterline.quotas.windows import Window, window_bounds
-from support.quotas import account_on, check, priced_model, quota_desk, serving
+from support.quotas import account_on, check, clear_of_midnight, priced_model, quota_desk, serving
 
 TOKYO = "Asia/Tokyo"
 Client = httpx.AsyncClient
 
 
 @pytest.fixture(autouse=True)
-async def clear_of_midnight() -> None:
-    """Checks and reads share today's windows (UTC and Tokyo): wait out a day's last 30 s."""
-    now = datetime.now(UTC)
-    ends = [window_bounds(Window.DAY, now, tz)[1] for tz in ("UTC", TOKYO)]
-    wait = min(ends) - now
-    if wait < timedelta(seconds=30):
-        await asyncio.sleep(wait.total_seconds() + 0.5)
+async def one_day() -> None:
+    await clear_of_midnight("UTC", TOKYO)
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ event counts once."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -20,10 +19,11 @@ from meterline.money import PICOS_PER_USD
 from meterline.quotas.engine import NeedsRebuild, QuotaEngine, Settlement, WindowRef
 from meterline.quotas.plans import Limits, PlanLimits, PlanVersion
 from meterline.quotas.rebuild import WarehouseCounts, rebuild
-from meterline.quotas.windows import Window, window_bounds
+from meterline.quotas.windows import Window
 from meterline.tokens import TokenUsage
 from meterline.usage.clickhouse import ClickHouseUsageStore
 from meterline.usage.model import PricedEvent
+from support.quotas import clear_of_midnight
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 CENT = PICOS_PER_USD // 100
@@ -40,12 +40,8 @@ PLAN = PlanVersion(
 
 
 @pytest.fixture(autouse=True)
-async def clear_of_midnight() -> None:
-    """Events occur now and count in today's UTC day: wait out a day's last 30 s."""
-    now = datetime.now(UTC)
-    wait = window_bounds(Window.DAY, now, "UTC")[1] - now
-    if wait < timedelta(seconds=30):
-        await asyncio.sleep(wait.total_seconds() + 0.5)
+async def one_day() -> None:
+    await clear_of_midnight("UTC")
 
 
 @pytest.fixture

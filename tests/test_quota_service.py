@@ -29,18 +29,14 @@ from meterline.quotas.postgres import PostgresPlanStore
 from meterline.quotas.settler import QuotaSettler
 from meterline.quotas.windows import Window, window_bounds
 from meterline.v1 import quota_pb2
-from support.quotas import LOCAL_REDIS, Quotas, ask, quota_server
+from support.quotas import LOCAL_REDIS, Quotas, ask, clear_of_midnight, quota_server
 
 R = quota_pb2.DenyReason
 
 
 @pytest.fixture(autouse=True)
-async def clear_of_midnight() -> None:
-    """Checks and settles share today's windows: wait out a UTC day's last 30 s."""
-    now = datetime.now(UTC)
-    wait = window_bounds(Window.DAY, now, "UTC")[1] - now
-    if wait < timedelta(seconds=30):
-        await asyncio.sleep(wait.total_seconds() + 0.5)
+async def one_day() -> None:
+    await clear_of_midnight("UTC")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ after it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -29,9 +30,10 @@ from meterline.quotas.engine import LimitState, NeedsRebuild, QuotaEngine, Windo
 from meterline.quotas.plans import PlanLimits, PlanTerms, PlanVersion
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.quotas.settler import QuotaSettler
-from meterline.quotas.windows import Window, window_bounds
+from meterline.quotas.windows import Window
 from meterline.tokens import TokenUsage
 from meterline.usage.model import PricedEvent
+from support.quotas import clear_of_midnight
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 FEE_PICOS = PICOS_PER_USD // 1000  # the plans' request fee, $0.001
@@ -63,14 +65,8 @@ class CountingAccounts(PostgresAccountStore):
 
 
 @pytest.fixture(autouse=True)
-async def clear_of_midnight() -> None:
-    """The tests count in today's windows (UTC and Tokyo): one started within 30 s of
-    a day's end waits for the next day, so its checks and settles share one day."""
-    now = datetime.now(UTC)
-    ends = [window_bounds(Window.DAY, now, tz)[1] for tz in ("UTC", "Asia/Tokyo")]
-    wait = min(ends) - now
-    if wait < timedelta(seconds=30):
-        await asyncio.sleep(wait.total_seconds() + 0.5)
+async def one_day() -> None:
+    await clear_of_midnight("UTC", "Asia/Tokyo")
 
 
 @pytest.fixture
@@ -278,24 +274,19 @@ async def test_settlements_wait_while_redis_is_down_and_pricing_goes_on(
 
     await asyncio.to_thread(settler.on_flush, batch())  # nothing listens: no error
     assert len(settler.pending) == 1
-    with EmbeddedRedis(port, data_dir=tmp_path) as server:
-        client = redis.asyncio.Redis.from_url(server.url)
-        engine = QuotaEngine(client, key_prefix=settler_prefix(settler), settings=QuotaSettings())
-        try:
-            await seed_day(engine, account, plan, "UTC")
-            now[0] = 500.0  # before the next attempt: the batch only waits
-            await asyncio.to_thread(settler.on_flush, batch())
-            assert len(settler.pending) == 2
-            assert (await day_used(engine, account, plan, "UTC"))["tokens_per_day"] == 0
-            now[0] = 1_001.0
-            await asyncio.to_thread(settler.on_flush, batch())
-            assert settler.pending == []
-            assert await day_used(engine, account, plan, "UTC") == {
-                "tokens_per_day": 3 * 110,
-                "spend_per_day": 3 * 5,
-            }
-        finally:
-            await client.aclose()
+    async with redis_back(port, tmp_path, settler) as engine:
+        await seed_day(engine, account, plan, "UTC")
+        now[0] = 500.0  # before the next attempt: the batch only waits
+        await asyncio.to_thread(settler.on_flush, batch())
+        assert len(settler.pending) == 2
+        assert (await day_used(engine, account, plan, "UTC"))["tokens_per_day"] == 0
+        now[0] = 1_001.0
+        await asyncio.to_thread(settler.on_flush, batch())
+        assert settler.pending == []
+        assert await day_used(engine, account, plan, "UTC") == {
+            "tokens_per_day": 3 * 110,
+            "spend_per_day": 3 * 5,
+        }
 
 
 async def test_settlements_dropped_past_the_bound_make_their_counters_rebuilt(
@@ -314,26 +305,30 @@ async def test_settlements_dropped_past_the_bound_make_their_counters_rebuilt(
         batch = [priced(account, input_tokens=1, output_tokens=1, charge_picos=1)]
         await asyncio.to_thread(settler.on_flush, batch)
     assert len(settler.pending) == 2 and settler.forgotten == {account}
-    with EmbeddedRedis(port, data_dir=tmp_path) as server:
+    async with redis_back(port, tmp_path, settler) as engine:
+        await seed_day(engine, account, plan, "UTC")
+        now[0] = 1_001.0
+        await asyncio.to_thread(settler.on_flush, [])
+        await asyncio.to_thread(
+            settler.on_flush, [priced(account, input_tokens=1, output_tokens=1, charge_picos=1)]
+        )
+        assert settler.pending == [] and settler.forgotten == set()
+        # the counters that missed a settlement are gone: rebuilt from the warehouse
+        with pytest.raises(NeedsRebuild):
+            await engine.usage(account, plan, "UTC")
+
+
+@contextlib.asynccontextmanager
+async def redis_back(
+    port: int, data_dir: Path, settler: QuotaSettler
+) -> AsyncIterator[QuotaEngine]:
+    """Redis starting, empty, on the port the settler was given: an engine on its keys."""
+    with EmbeddedRedis(port, data_dir=data_dir) as server:
         client = redis.asyncio.Redis.from_url(server.url)
-        engine = QuotaEngine(client, key_prefix=settler_prefix(settler), settings=QuotaSettings())
         try:
-            await seed_day(engine, account, plan, "UTC")
-            now[0] = 1_001.0
-            await asyncio.to_thread(settler.on_flush, [])
-            await asyncio.to_thread(
-                settler.on_flush, [priced(account, input_tokens=1, output_tokens=1, charge_picos=1)]
-            )
-            assert settler.pending == [] and settler.forgotten == set()
-            # the counters that missed a settlement are gone: rebuilt from the warehouse
-            with pytest.raises(NeedsRebuild):
-                await engine.usage(account, plan, "UTC")
+            yield QuotaEngine(client, key_prefix=settler.key_prefix, settings=QuotaSettings())
         finally:
             await client.aclose()
-
-
-def settler_prefix(settler: QuotaSettler) -> str:
-    return settler._engine._prefix
 
 
 async def test_a_time_zone_is_read_once_per_account_per_refresh(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,14 +30,19 @@ from meterline.lib.warehouse import Warehouse
 from meterline.money import PICOS_PER_USD, usd_to_picos
 from meterline.quotas.plans import PlanLimits
 from meterline.v1 import quota_pb2
-from support.chaos import PipelineFleet, env_for, uncommitted
-from support.quotas import LOCAL_REDIS, Quotas, ask, quota_server
+from support.chaos import PipelineFleet, drained, env_for
+from support.quotas import LOCAL_REDIS, Quotas, ask, clear_of_midnight, quota_server
 
 GATEWAYS = int(os.environ.get("METERLINE_SOAK_GATEWAYS", "12"))
 CAP_USD = Decimal(os.environ.get("METERLINE_SOAK_SPEND_CAP_USD", "0.40"))
 #: gpt-4.1-mini, 2,000 tokens in and at most 1,000 out: $0.0008 + $0.0016
 RESERVATION_PICOS = usd_to_picos(Decimal("0.0024"))
 R = quota_pb2.DenyReason
+
+
+@pytest.fixture(autouse=True)
+async def one_month() -> None:
+    await clear_of_midnight("UTC")
 
 
 @dataclass
@@ -104,10 +108,7 @@ async def chaos(
             run.redis_losses += 1
         await asyncio.sleep(rng.uniform(0.2, 1.5))
         fleet.start(0)
-    deadline = time.monotonic() + 60
-    while await uncommitted(settings) > 0:  # the restarted pipeline has caught up
-        assert time.monotonic() < deadline, fleet.logs()
-        await asyncio.sleep(0.2)
+    await drained(settings, fleet, 60)  # the restarted pipeline has caught up
     await asyncio.sleep(2.0)
     stop.set()
 
@@ -121,8 +122,8 @@ def warehouse_charge(warehouse: Warehouse, account: str) -> tuple[int, int]:
     return int(row["n"]), usd_to_picos(Decimal(row["charge"]))
 
 
-async def spend_cap_run(
-    *,
+@pytest.mark.parametrize("lose_redis", [False, True], ids=["pipeline-killed", "redis-lost-too"])
+async def test_a_spend_cap_holds_while_the_pipeline_is_killed(
     lose_redis: bool,
     settings: Settings,
     stack: Stack,
@@ -133,8 +134,7 @@ async def spend_cap_run(
     key_ring: KeyRing,
     service_key: IssuedKey,
     tmp_path: Path,
-) -> tuple[Run, int, int, int]:
-    """(the run, events stored, their charge, the counter's spend), all settled."""
+) -> None:
     prefix = f"{settings.kafka.consumer_group}:"  # the pipeline's (env_for)
     async with quota_server(
         prefix,
@@ -163,11 +163,7 @@ async def spend_cap_run(
                 reservations=f"{prefix}{{a:{account}}}:res",
             )
             await asyncio.gather(*workers)
-            deadline = time.monotonic() + 120
-            while (left := await uncommitted(settings)) > 0:
-                fleet.check_alive()
-                assert time.monotonic() < deadline, f"{left} never committed\n{fleet.logs()}"
-                await asyncio.sleep(0.2)
+            await drained(settings, fleet, 120)
         finally:
             codes = fleet.stop_all()
         assert codes == [0], fleet.logs()
@@ -179,34 +175,6 @@ async def spend_cap_run(
         f"{run.redis_losses} Redis losses ({run.reserved_at_loss} reservations lost); "
         f"charged ${Decimal(charged) / PICOS_PER_USD} "
         f"(over the cap by ${max(Decimal(charged) / PICOS_PER_USD - CAP_USD, Decimal(0))})"
-    )
-    return run, stored, charged, counter
-
-
-@pytest.mark.parametrize("lose_redis", [False, True], ids=["pipeline-killed", "redis-lost-too"])
-async def test_a_spend_cap_holds_while_the_pipeline_is_killed(
-    lose_redis: bool,
-    settings: Settings,
-    stack: Stack,
-    warehouse: Warehouse,
-    clickhouse_url: str,
-    database: Database,
-    accounts: Accounts,
-    key_ring: KeyRing,
-    service_key: IssuedKey,
-    tmp_path: Path,
-) -> None:
-    run, stored, charged, counter = await spend_cap_run(
-        lose_redis=lose_redis,
-        settings=settings,
-        stack=stack,
-        warehouse=warehouse,
-        clickhouse_url=clickhouse_url,
-        database=database,
-        accounts=accounts,
-        key_ring=key_ring,
-        service_key=service_key,
-        tmp_path=tmp_path,
     )
     cap = usd_to_picos(CAP_USD)
     assert run.kills >= 1 and run.answers["DENY_REASON_SPEND_PER_MONTH"] > 0

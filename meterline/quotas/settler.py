@@ -94,6 +94,7 @@ class QuotaSettler:
     ) -> None:
         self.plans = plans
         self.accounts = accounts
+        self.key_prefix = key_prefix
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.max_pending = max_pending

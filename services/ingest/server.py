@@ -38,14 +38,13 @@ from typing import NamedTuple, TypeVar
 import grpc
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
 from meterline.accounts.auth import Authenticator
 from meterline.accounts.directory import AccountDirectory
 from meterline.accounts.grpc import AuthInterceptor, current_principal
 from meterline.accounts.model import KeyKind, Principal
+from meterline.lib.grpc_server import ServiceServer
 from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.settings import EventRules, IngestSettings
 from meterline.tokens import TOKEN_FIELDS
@@ -466,26 +465,26 @@ class IngestServer:
             directory=directory,
             clock_ns=clock_ns,
         ).add_to(self.server)
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        self.served = ServiceServer(
+            self.server,
+            SERVICE_NAME,
+            host=settings.host,
+            port=settings.port,
+            grace_s=settings.grace_s,
+            label="ingest",
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.port}"
+        return self.served.address
+
+    @property
+    def port(self) -> int:
+        return self.served.port
 
     async def start(self) -> None:
-        await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ingest gRPC on %s", self.address)
+        await self.served.start()
 
     async def stop(self) -> None:
         """Stop taking RPCs, let those in flight finish, then report NOT_SERVING."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_s)
+        await self.served.stop()

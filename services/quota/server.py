@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
 from meterline.accounts.auth import Authenticator
 from meterline.accounts.grpc import AuthInterceptor, current_principal
 from meterline.accounts.model import KeyKind, account_id_problem
+from meterline.lib.grpc_server import ServiceServer
 from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.settings import QuotaSettings
 from meterline.money import MAX_TOKEN_COUNT, format_usd
@@ -208,25 +207,21 @@ class QuotaServer:
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(
             QuotaService(desk, self.registry), self.server
         )
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        self.served = ServiceServer(
+            self.server,
+            SERVICE_NAME,
+            host=settings.host,
+            port=settings.port,
+            grace_s=2.0,
+            label="quota",
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.port}"
+        return self.served.address
 
     async def start(self) -> None:
-        await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("quota gRPC on %s", self.address)
+        await self.served.start()
 
     async def stop(self) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(2.0)
+        await self.served.stop()

@@ -6,6 +6,7 @@ Used by tests/test_kill_and_freeze.py with a few rounds, and by `make soak`
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -176,3 +177,13 @@ async def uncommitted(settings: Settings) -> int:
         return sum(max(0, (consumer.highwater(tp) or 0) - committed[tp]) for tp in partitions)
     finally:
         await consumer.stop()
+
+
+async def drained(settings: Settings, fleet: PipelineFleet, timeout_s: float) -> None:
+    """Wait until the fleet has committed every record of the topic (its instances
+    alive), for at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (left := await uncommitted(settings)) > 0:
+        fleet.check_alive()
+        assert time.monotonic() < deadline, f"{left} records never committed\n{fleet.logs()}"
+        await asyncio.sleep(0.2)

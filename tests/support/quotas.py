@@ -4,6 +4,7 @@ gRPC server or the HTTP API; and the plans, prices and requests the quota tests 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from meterline.quotas.desk import TERMS_REFRESH_S, QuotaDesk
 from meterline.quotas.engine import QuotaRequest
 from meterline.quotas.plans import PlanTerms
 from meterline.quotas.postgres import PostgresPlanStore
+from meterline.quotas.windows import Window, window_bounds
 from meterline.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.server import QuotaServer
 from services.up import Access, ApiServer
@@ -56,6 +58,16 @@ class Quotas:
     def account_on(self, *, timezone: str = "UTC", **terms: Any) -> str:
         """A new account on a new plan, in force since a day ago."""
         return account_on(self.desk, self.accounts, timezone=timezone, **terms)
+
+
+async def clear_of_midnight(*timezones: str) -> None:
+    """For tests that count in today's windows of ``timezones``: one started within 30 s
+    of a day's end there waits for the next day, so its checks and settles share one
+    day, and one month."""
+    now = datetime.now(UTC)
+    wait = min(window_bounds(Window.DAY, now, tz)[1] for tz in timezones) - now
+    if wait < timedelta(seconds=30):
+        await asyncio.sleep(wait.total_seconds() + 0.5)
 
 
 def ask(account: str, **fields: Any) -> quota_pb2.CheckQuotaRequest:
