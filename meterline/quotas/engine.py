@@ -48,6 +48,7 @@ run on Redis 6.2 and 7 (EVALSHA, ``TIME`` for the clock; no functions).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,6 +228,14 @@ def _script(name: str) -> str:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: (window, time zone) pairs whose current window an engine keeps at hand.
+_CALENDAR_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _expiry_ms(end: datetime) -> int:
+    """When a window's counters expire: a margin after it ends (late usage, reports)."""
+    return _ms(end + WINDOW_KEY_MARGIN)
 
 
 def _ms(at: datetime) -> int:
@@ -337,6 +346,8 @@ class QuotaEngine:
         self._rebuild_begin = redis.register_script(_script("rebuild_begin.lua"))
         self._rebuild_finish = redis.register_script(_script("rebuild_finish.lua"))
         self._redis_down = False
+        #: (window, time zone) -> the last such window found: start, end, id
+        self._calendar: dict[tuple[Window, str], tuple[datetime, datetime, str]] = {}
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -346,10 +357,17 @@ class QuotaEngine:
     def _window_key(self, base: str, ref: WindowRef) -> str:
         return f"{base}{ref.window.value}:{ref.window_id}:{ref.scope}"
 
-    @staticmethod
-    def _ref(scope: str, window: Window, at: datetime, timezone: str) -> WindowRef:
-        start, end = window_bounds(window, at, timezone)
-        return WindowRef(scope, window, window_id(window, at, timezone), start, end)
+    def _ref(self, scope: str, window: Window, at: datetime, timezone: str) -> WindowRef:
+        """The ``window`` holding ``at`` in ``timezone``; the last one found per (window,
+        time zone) is kept, as checks ask for the same day and month all day long."""
+        held = self._calendar.get((window, timezone))
+        if held is None or not held[0] <= at < held[1]:
+            start, end = window_bounds(window, at, timezone)
+            held = (start, end, window_id(window, at, timezone))
+            if len(self._calendar) >= _CALENDAR_SIZE:
+                self._calendar.clear()
+            self._calendar[window, timezone] = held
+        return WindowRef(scope, window, held[2], held[0], held[1])
 
     def _groups(
         self,
@@ -392,8 +410,8 @@ class QuotaEngine:
                 keys += [self._window_key(base, g.ref), self._window_key(base, following)]
                 args += [
                     "w",
-                    _ms(g.ref.end + WINDOW_KEY_MARGIN),
-                    _ms(following.end + WINDOW_KEY_MARGIN),
+                    _expiry_ms(g.ref.end),
+                    _expiry_ms(following.end),
                     requests or 0,
                     tokens or 0,
                     "" if spend is None else str(spend),
@@ -743,7 +761,7 @@ class QuotaEngine:
             args=[
                 "" if now is None else _ms(now),
                 base,
-                *(_ms(ref.end + WINDOW_KEY_MARGIN) for ref in refs),
+                *(_expiry_ms(ref.end) for ref in refs),
             ],
         )
         return [int(b) for b in result]

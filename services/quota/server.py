@@ -12,6 +12,7 @@ applies its own default). Redis down is an answer, not an error: allowed or deni
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import datetime
@@ -94,7 +95,10 @@ def _amount(state: LimitState, value: int) -> str:
     return format_usd(value) if state.limit.startswith("spend") else str(value)
 
 
+@functools.lru_cache(maxsize=1024)
 def _timestamp(at: datetime) -> Timestamp:
+    """``at`` as a Timestamp; the same few window ends recur in every answer (a message
+    field set from it takes a copy)."""
     stamp = Timestamp()
     stamp.FromDatetime(at)
     return stamp
