@@ -26,6 +26,7 @@ from meterline.accounts.manage import Accounts, IssuedKey, first_keys
 from meterline.accounts.postgres import PostgresAccountStore
 from meterline.accounts.registrar import AccountRegistrar
 from meterline.catalog import PriceBook
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
 from meterline.lib.metrics import CollectorRegistry, serve_metrics
 from meterline.lib.postgres import Database, open_database
@@ -248,6 +249,7 @@ class Access:
     accounts: Accounts
     ring: KeyRing
     plans: PlanStore
+    ledger: PostgresLedger
 
 
 @contextlib.asynccontextmanager
@@ -272,7 +274,13 @@ async def access(settings: Settings, database: Database) -> AsyncIterator[Access
     stop = asyncio.Event()
     refreshing = asyncio.create_task(ring.run(stop))
     try:
-        yield Access(auth, Accounts(store, ring.hasher, ring), ring, PostgresPlanStore(database))
+        yield Access(
+            auth,
+            Accounts(store, ring.hasher, ring),
+            ring,
+            PostgresPlanStore(database),
+            PostgresLedger(database),
+        )
     finally:
         stop.set()
         await refreshing
@@ -310,6 +318,7 @@ class ApiServer:
                     accounts=access.accounts,
                     plans=access.plans,
                     quotas=quotas,
+                    ledger=access.ledger,
                     registry=registry,
                     settings=settings.http,
                 ),
@@ -412,9 +421,10 @@ def pricing_pipeline(
     *,
     registry: CollectorRegistry,
 ) -> Iterator[PricingPipeline]:
-    """The pipeline with its flush handlers (accounts first seen are registered; quota
-    reservations are settled with what was used) and the accounts' plans, which set what
-    each event charges."""
+    """The pipeline with its flush handlers (accounts first seen are registered; prepaid
+    accounts' credits are debited; quota reservations are settled with what was used)
+    and the accounts' plans, which set what each event charges."""
+    from meterline.credits.poster import LedgerPoster
     from meterline.quotas.charges import ChargeBook
     from meterline.quotas.settler import QuotaSettler
     from pipelines.pricing.pipeline import PricingPipeline
@@ -428,7 +438,11 @@ def pricing_pipeline(
         accounts=access.accounts.store,
     )
     try:
-        handlers: list[FlushHandler] = [AccountRegistrar(access.accounts.store), settler]
+        handlers: list[FlushHandler] = [
+            AccountRegistrar(access.accounts.store),
+            LedgerPoster(access.ledger, plans),
+            settler,
+        ]
         yield PricingPipeline(
             settings, wh, bootstrap, handlers=handlers, plans=plans, registry=registry
         )

@@ -29,6 +29,8 @@ from conftest import bearer, unique
 from meterline.accounts import KeyKind, KeyRing
 from meterline.accounts.keys import new_key
 from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.credits.model import GrantKind
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.postgres import Database
 from meterline.lib.settings import HttpSettings, QuotaSettings
 from meterline.lib.warehouse import Warehouse
@@ -73,6 +75,14 @@ POLICY: dict[tuple[str, str], Route] = {
     ("POST", "/v1/accounts/{account_id}/plan"): Route(Policy.ADMIN, 201, missing=404),
     ("GET", "/v1/accounts/{account_id}/plan"): Route(Policy.READS_ACCOUNT, 200, missing=404),
     ("GET", "/v1/accounts/{account_id}/quota"): Route(Policy.READS_ACCOUNT, 200, missing=404),
+    ("POST", "/v1/accounts/{account_id}/grants"): Route(Policy.ADMIN, 201, missing=404),
+    ("POST", "/v1/accounts/{account_id}/grants/{grant_id}/void"): Route(
+        Policy.ADMIN, 201, missing=404
+    ),
+    ("POST", "/v1/accounts/{account_id}/adjustments"): Route(Policy.ADMIN, 201, missing=404),
+    ("GET", "/v1/accounts/{account_id}/balance"): Route(Policy.READS_ACCOUNT, 200, missing=404),
+    ("GET", "/v1/accounts/{account_id}/ledger"): Route(Policy.READS_ACCOUNT, 200, missing=404),
+    ("GET", "/v1/accounts/{account_id}/ledger/check"): Route(Policy.ADMIN, 200, missing=404),
 }
 #: Routes anyone may call; so may OPTIONS (Litestar's answer: the methods, nothing else).
 OPEN = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
@@ -148,6 +158,19 @@ class Cast:
     revocable: str
     #: a plan account A is on
     plan_id: str
+    ledger: PostgresLedger
+
+    def grant_of(self, account: str | None) -> str:
+        """A new grant of account A for the void route to release (C has none)."""
+        if account != "A":
+            return "gr_missing"
+        grant, _ = self.ledger.grant(
+            self.accounts["A"],
+            amount_picos=10**12,
+            kind=GrantKind.PURCHASED,
+            idempotency_key=unique("matrix-grant"),
+        )
+        return grant.grant_id
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +191,7 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
     accounts.revoke_key(issued["revoked"].key.key_id)
     revocable = accounts.issue_key(KeyKind.SERVICE, name="matrix revocable").key.key_id
     plans = PostgresPlanStore(database)
+    ledger = PostgresLedger(database)
     plan_id = plans.add_version(PlanTerms(plan_id=unique("matrix-plan"))).plan_id
     plans.assign(names["A"], plan_id, None, now, "matrix")
     # the API's own ring, two hours on: the key that expires in one has expired
@@ -190,6 +214,7 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
         accounts=accounts,
         plans=plans,
         quotas=quotas,
+        ledger=ledger,
         registry=CollectorRegistry(),
     )
     authorization: dict[str, str | None] = {
@@ -199,7 +224,7 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
     }
     authorization |= {who: bearer(key)["Authorization"] for who, key in issued.items()}
     key_ids = {who: key.key.key_id for who, key in issued.items()}
-    return Cast(app, names, authorization, key_ids, revocable, plan_id)
+    return Cast(app, names, authorization, key_ids, revocable, plan_id, ledger)
 
 
 @pytest.fixture
@@ -221,6 +246,18 @@ BODIES: dict[tuple[str, str], Callable[[Cast], Any]] = {
     },
     ("POST", "/v1/plans"): lambda cast: {"plan_id": cast.plan_id},
     ("POST", "/v1/accounts/{account_id}/plan"): lambda cast: {"plan_id": cast.plan_id},
+    ("POST", "/v1/accounts/{account_id}/grants"): lambda _: {
+        "amount_usd": "5.00",
+        "idempotency_key": unique("matrix-topup"),
+    },
+    ("POST", "/v1/accounts/{account_id}/grants/{grant_id}/void"): lambda _: {
+        "idempotency_key": unique("matrix-void"),
+    },
+    ("POST", "/v1/accounts/{account_id}/adjustments"): lambda _: {
+        "amount_usd": "1.00",
+        "reason": "matrix",
+        "idempotency_key": unique("matrix-adjust"),
+    },
 }
 QUERIES = {("GET", "/v1/catalog/versions"): {"model": "gpt-4.1-mini"}}
 
@@ -230,6 +267,7 @@ async def call(client: Client, cast: Cast, cell: Cell) -> Any:
         account_id=cast.accounts[cell.account] if cell.account else None,
         key_id=cast.revocable,
         plan_id=cast.plan_id,
+        grant_id=cast.grant_of(cell.account) if "{grant_id}" in cell.path else None,
     )
     header = cast.authorization[cell.presenter]
     body = BODIES.get((cell.method, cell.path))
@@ -311,7 +349,7 @@ async def test_open_routes_answer_without_a_key(client: Client, cast: Cast) -> N
 
 async def test_options_answers_without_a_key_and_tells_nothing(client: Client, cast: Cast) -> None:
     for path in sorted({path for _, path in POLICY}):
-        url = path.format(account_id=cast.accounts["C"], key_id="k", plan_id="p")
+        url = path.format(account_id=cast.accounts["C"], key_id="k", plan_id="p", grant_id="g")
         response = await client.options(url)
         assert response.status_code == 204, (url, response.text)
         # Litestar 2.25 lists only some of a route's methods: what matters is the empty body

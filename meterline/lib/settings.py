@@ -175,6 +175,13 @@ class PipelineSettings(BaseSettings):
         "whichever happens first.",
     )
     max_batch_wait_ms: int = Field(1000, ge=1, description="Longest a record waits for a flush.")
+    min_batch_wait_ms: int = Field(
+        100,
+        ge=0,
+        description="A batch is written as soon as nothing more is waiting, but not before "
+        "its first record has waited this long: at most one insert per this many ms (and "
+        "per write) under light traffic.",
+    )
     catalog_refresh_s: float = Field(5.0, gt=0, description="How often new prices are loaded.")
 
 

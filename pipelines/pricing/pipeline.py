@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -242,7 +242,14 @@ class PricingPipeline:
             log.info("pricing pipeline stopped: %s", self.metrics.as_dict())
 
     async def _consume(self) -> None:
-        """Fetch into the buffer; flush on max_batch_events or max_batch_wait_ms."""
+        """Fetch into the buffer and flush it: as soon as nothing more is waiting (once
+        ``min_batch_wait_ms`` has passed and no write is in flight), or when it holds
+        ``max_batch_events``, or after ``max_batch_wait_ms``.
+
+        So an event is stored within about a write's time of its arrival when traffic is
+        light, and under load batches grow to what arrives while one is written: the
+        write itself paces them, and ``min_batch_wait_ms`` bounds the inserts a second.
+        """
         assert self._consumer is not None
         batch = self.settings.pipeline
         first_buffered: float | None = None
@@ -252,25 +259,39 @@ class PricingPipeline:
                 waited_ms = (
                     0 if first_buffered is None else 1000 * (time.monotonic() - first_buffered)
                 )
+                writing = self._inflight is not None and not self._inflight.done()
+                if self._buffer and not writing:  # poll: does more wait to join the batch?
+                    timeout_ms = max(0, int(batch.min_batch_wait_ms - waited_ms))
+                else:
+                    timeout_ms = max(1, int(batch.max_batch_wait_ms - waited_ms))
                 fetch = asyncio.create_task(
                     self._consumer.getmany(
-                        timeout_ms=max(1, int(batch.max_batch_wait_ms - waited_ms)),
+                        timeout_ms=timeout_ms,
                         max_records=batch.max_batch_events - len(self._buffer),
                     )
                 )
-                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    fetch.cancel()
+                waits: set[asyncio.Future[Any]] = {fetch, stopping}
+                if self._buffer and writing and self._inflight is not None:
+                    waits.add(self._inflight)  # the write's end may let the buffer go
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                fetched = 0
+                if fetch.done():
+                    for records in fetch.result().values():
+                        self._buffer.extend(records)
+                        fetched += len(records)
+                else:
+                    fetch.cancel()  # records not handed over stay in the consumer
                     with contextlib.suppress(asyncio.CancelledError):
                         await fetch
-                    break
-                for records in fetch.result().values():
-                    self._buffer.extend(records)
+                    if self._stop.is_set():
+                        break
                 if self._buffer and first_buffered is None:
                     first_buffered = time.monotonic()
                 waited_ms = 1000 * (time.monotonic() - (first_buffered or time.monotonic()))
+                writing = self._inflight is not None and not self._inflight.done()
+                idle = not fetched and not writing and waited_ms >= batch.min_batch_wait_ms
                 if len(self._buffer) >= batch.max_batch_events or (
-                    self._buffer and waited_ms >= batch.max_batch_wait_ms
+                    self._buffer and (idle or waited_ms >= batch.max_batch_wait_ms)
                 ):
                     await self.flush(wait=False)
                     first_buffered = None

@@ -58,6 +58,8 @@ from meterline.accounts.http import BEARER_COMPONENTS, OPEN, BearerAuthenticatio
 from meterline.accounts.manage import Accounts
 from meterline.catalog import PriceBook
 from meterline.catalog.controller import CatalogController
+from meterline.credits.controller import CreditsController
+from meterline.credits.postgres import IdempotencyConflict, PostgresLedger
 from meterline.lib.postgres import PostgresError
 from meterline.lib.settings import HttpSettings
 from meterline.lib.warehouse.base import Warehouse, WarehouseError, answers
@@ -213,7 +215,7 @@ def _not_found(_: Request[Any, Any, Any], exc: LookupError) -> Response[Any]:
     return _error(HTTP_404_NOT_FOUND, str(exc))
 
 
-def _conflict(_: Request[Any, Any, Any], exc: AccountExists) -> Response[Any]:
+def _conflict(_: Request[Any, Any, Any], exc: ValueError) -> Response[Any]:
     return _error(HTTP_409_CONFLICT, str(exc))
 
 
@@ -239,6 +241,7 @@ EXCEPTION_HANDLERS: Mapping[int | type[Exception], Callable[..., Response[Any]]]
     KeyNotFound: _not_found,
     PlanNotFound: _not_found,
     AccountExists: _conflict,  # a ValueError too: the nearest entry in its MRO wins
+    IdempotencyConflict: _conflict,
     # a schema failing inside our own code is a bug, not the client's mistake
     pydantic.ValidationError: _internal_error,
     msgspec.ValidationError: _internal_error,
@@ -358,6 +361,7 @@ def create_app(
     accounts: Accounts,
     plans: PlanStore | None = None,
     quotas: QuotaDesk | None = None,
+    ledger: PostgresLedger | None = None,
     registry: CollectorRegistry | None = None,
     settings: HttpSettings | None = None,
 ) -> Litestar:
@@ -376,6 +380,9 @@ def create_app(
             are not mounted.
         quotas: What each account has used of its plan's limits, served at
             ``/v1/accounts/{account_id}/quota``; without it that route is not mounted.
+        ledger: Prepaid credits, under ``/v1/accounts/{account_id}/grants``,
+            ``/balance``, ``/ledger`` and ``/adjustments``; needs ``plans`` too (the
+            ledger check reads which plans are prepaid).
         registry: Where the API counts its requests, served at ``/metrics`` with
             whatever else the process registered there. Default: a new one.
         settings: The process's HTTP settings; default: the defaults.
@@ -403,6 +410,9 @@ def create_app(
     if plans is not None:
         handlers += [PlanController, AccountPlanController]
         dependencies["plans"] = _constant(plans)
+    if ledger is not None and plans is not None:
+        handlers.append(CreditsController)
+        dependencies["ledger"] = _constant(ledger)
     if quotas is not None:
         handlers.append(AccountQuotaController)
         dependencies["quotas"] = _constant(quotas)

@@ -21,6 +21,7 @@ from meterline.accounts import KeyRing
 from meterline.accounts.grpc import key_channel
 from meterline.accounts.manage import Accounts, IssuedKey
 from meterline.catalog import PriceBook, parse_price
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.kafka import free_port
 from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.postgres import Database
@@ -136,7 +137,9 @@ async def serving(
     """The HTTP API with ``desk`` behind its quota route, as `meterline up` runs it; yields
     its URL."""
     settings = Settings(http=HttpSettings(port=free_port()))
-    access = Access(key_ring, accounts, key_ring, desk.plans)
+    assert isinstance(desk.plans, PostgresPlanStore)  # the ledger is on its database
+    ledger = PostgresLedger(desk.plans.database)
+    access = Access(key_ring, accounts, key_ring, desk.plans, ledger)
     server = ApiServer(settings, warehouse, CollectorRegistry(), access, desk)
     await server.start()
     try:
