@@ -29,6 +29,9 @@ from pathlib import Path
 from conftest import event, unique
 from meterline.accounts.manage import Accounts
 from meterline.catalog import Catalog, PriceBook, seed_versions
+from meterline.credits.check import check_ledger
+from meterline.credits.model import GrantKind
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.kafka import ensure_topics, start_producer
 from meterline.lib.postgres import Database
 from meterline.lib.settings import Settings
@@ -122,12 +125,22 @@ async def test_instances_killed_and_frozen_on_the_server_path_count_each_event_o
     database: Database,
 ) -> None:
     gateway = Gateway(accounts=12, seed=11, run_tag=unique("havoc"))
-    # the busiest account pays a sell price: its charge must survive the havoc too
+    # the busiest account pays a sell price from prepaid credits: its charge, and its
+    # debits, must survive the havoc too
     planned = gateway.accounts[0]
     accounts.store.create_account(planned)
     store = PostgresPlanStore(database)
     plan = store.add_version(
-        PlanTerms(plan_id=unique("havoc"), price_multiplier="1.333333", request_fee_usd="0.0001")
+        PlanTerms(
+            plan_id=unique("havoc"),
+            price_multiplier="1.333333",
+            request_fee_usd="0.0001",
+            billing="prepaid",
+        )
+    )
+    ledger = PostgresLedger(database)
+    ledger.grant(
+        planned, amount_picos=10**6 * 10**12, kind=GrantKind.PURCHASED, idempotency_key="havoc"
     )
     store.assign(planned, plan.plan_id, plan.version, datetime(2000, 1, 1, tzinfo=UTC), "test")
     expected = Expected(PriceBook(warehouse).load(), {planned: plan})
@@ -136,6 +149,12 @@ async def test_instances_killed_and_frozen_on_the_server_path_count_each_event_o
     await run_havoc(settings, env, 2, tmp_path, expected, gateway)
 
     assert consistent_totals(warehouse, gateway.accounts) == expected.totals()
+    # every charge debited once: the ledger = the warehouse = what was sent
+    whole = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+    check = check_ledger(ledger, warehouse, store, planned, *whole)
+    assert check.agrees, check
+    assert check.ledger_picos == expected.charged[planned]
+    assert ledger.balance(planned).balance_picos == 10**18 - expected.charged[planned]
 
 
 async def test_an_embedded_instance_killed_and_frozen_counts_each_event_once(
