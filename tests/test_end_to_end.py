@@ -174,3 +174,23 @@ async def test_what_ingest_accepted_near_the_lateness_bound_is_billed_later(
     usage = await stack.wait_for_requests(account_id, 1)
     assert usage["totals"]["requests"] == 1
     assert pipeline.metrics.dead_lettered == 0
+
+
+async def test_a_batch_is_written_once_nothing_more_waits_not_at_the_longest_wait(
+    stack: Stack, account_id: str
+) -> None:
+    """A lone event is stored in about a write's time, not after max_batch_wait_ms (here
+    an hour); a burst still goes in a few batches, not one per event."""
+    stack.settings.pipeline.max_batch_wait_ms = 3_600_000
+    stack.settings.pipeline.min_batch_wait_ms = 50
+    pipeline = stack.start_pipeline()
+    await stack.report(event(account_id, input_tokens=10, output_tokens=1))
+    body = await stack.wait_for_requests(account_id, 1, timeout_s=30)
+    assert body["totals"]["requests"] == 1  # stored with an hour still to wait
+
+    before = pipeline.metrics.flushes
+    burst = [event(account_id, input_tokens=10, output_tokens=1) for _ in range(2_000)]
+    await stack.report(*burst)
+    body = await stack.wait_for_requests(account_id, 2_001, timeout_s=60)
+    assert body["totals"]["requests"] == 2_001
+    assert pipeline.metrics.flushes - before < 50  # batched: at most a few dozen writes
