@@ -1,4 +1,5 @@
-"""From a reported event to its usage in the HTTP API: how long, idle and under load.
+"""From a reported event to its usage and its debit in the HTTP API: how long, idle and
+under load.
 
 Run by hand, not in CI::
 
@@ -8,9 +9,10 @@ Starts `meterline up` on a fresh data directory and free ports (embedded Tansu, 
 PostgreSQL, Redis), twice: with the pipeline's defaults (a batch is written as soon as
 nothing more is waiting, after ``min_batch_wait_ms`` = 100), and as a baseline in the
 same run with ``METERLINE_PIPELINE_MIN_BATCH_WAIT_MS`` = ``max_batch_wait_ms`` (every
-batch waits the full second, as before). In each, a probe account reports one event at
-a time over gRPC ingest with the service key; from ingest's acknowledgement, the probe
-polls ``GET /v1/accounts/{probe}/usage`` every 5 ms until the event is counted. Idle:
+batch waits the full second, as before). In each, a probe account on a prepaid plan,
+with credits, reports one event at a time over gRPC ingest with the service key; from
+ingest's acknowledgement, the probe polls ``GET /v1/accounts/{probe}/usage`` and
+``/balance`` every 5 ms until the event is counted and its charge debited. Idle:
 nothing else is sent. Under load: a background gateway sends ``--load`` events/s of
 other accounts meanwhile. Prints p50, p90 and p99 of each and the ratio to the baseline.
 """
@@ -31,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -141,25 +144,51 @@ async def background(up: Up, rate: float) -> AsyncIterator[None]:
             await task
 
 
-async def probe(up: Up, probes: int) -> list[float]:
-    """Seconds from ingest's answer to the usage API counting the event, per probe."""
+async def prepaid_account(http: httpx.AsyncClient) -> str:
+    """A new account on a prepaid plan, with $1,000 of credits."""
     account = f"probe-{uuid.uuid4().hex[:8]}"
-    seconds: list[float] = []
+    plan = f"prepaid-{uuid.uuid4().hex[:8]}"
+    for path, body in (
+        ("/v1/accounts", {"account_id": account}),
+        ("/v1/plans", {"plan_id": plan, "billing": "prepaid"}),
+        (f"/v1/accounts/{account}/plan", {"plan_id": plan}),
+        (f"/v1/accounts/{account}/grants", {"amount_usd": "1000", "idempotency_key": plan}),
+    ):
+        response = await http.post(path, json=body)
+        response.raise_for_status()
+    await asyncio.sleep(6)  # the pipeline's plan cache (5 s) learns the assignment
+    return account
+
+
+async def probe(up: Up, probes: int) -> dict[str, list[float]]:
+    """Seconds from ingest's answer to the usage API counting the event, and to the
+    balance having moved by its charge, per probe."""
+    seconds: dict[str, list[float]] = {"usage": [], "balance": []}
     headers = {"Authorization": f"Bearer {up.key('admin')}"}
     async with (
         key_channel(f"127.0.0.1:{up.ingest_port}", up.key("service")) as channel,
         httpx.AsyncClient(base_url=up.api, headers=headers) as http,
     ):
+        account = await prepaid_account(http)
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        last = Decimal((await http.get(f"/v1/accounts/{account}/balance")).json()["balance_usd"])
         for n in range(1, probes + 1):
             await stub.ReportUsage(ingest_pb2.ReportUsageRequest(events=[probe_event(account)]))
             acknowledged = time.monotonic()
-            while True:
-                response = await http.get(f"/v1/accounts/{account}/usage")
-                if response.status_code == 200 and response.json()["totals"]["requests"] >= n:
-                    break
+            seen: dict[str, float] = {}
+            while len(seen) < 2:
+                if "usage" not in seen:
+                    usage = (await http.get(f"/v1/accounts/{account}/usage")).json()
+                    if usage["totals"]["requests"] >= n:
+                        seen["usage"] = time.monotonic()
+                if "balance" not in seen:
+                    balance = (await http.get(f"/v1/accounts/{account}/balance")).json()
+                    if Decimal(balance["balance_usd"]) < last:
+                        seen["balance"] = time.monotonic()
+                        last = Decimal(balance["balance_usd"])
                 await asyncio.sleep(POLL_S)
-            seconds.append(time.monotonic() - acknowledged)
+            for what, at in seen.items():
+                seconds[what].append(at - acknowledged)
             await asyncio.sleep(0.05)
     return seconds
 
@@ -171,9 +200,10 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
 
 async def measure(up: Up, probes: int, load: float) -> dict[str, tuple[float, float, float]]:
     found = {}
-    for name, rate in (("idle", 0.0), (f"{load:.0f} events/s", load)):
+    for name, rate in (("idle", 0.0), (f"{load:.0f}/s", load)):
         async with background(up, rate):
-            found[name] = quantiles(await probe(up, probes))
+            for what, seconds in (await probe(up, probes)).items():
+                found[f"{name}, {what}"] = quantiles(seconds)
     return found
 
 
@@ -196,11 +226,12 @@ def main(args: argparse.Namespace) -> None:
             with up.running():
                 results[label] = asyncio.run(measure(up, args.probes, args.load))
     print(f"\n{args.probes} probes each; ms from ingest's answer to the usage API counting it")
-    print(f"{'':48} {'p50':>8} {'p90':>8} {'p99':>8}")
+    print("and to the balance moving by its charge")
+    print(f"{'':56} {'p50':>8} {'p90':>8} {'p99':>8}")
     labels = list(results)
     for label in labels:
         for load, (p50, p90, p99) in results[label].items():
-            print(f"{label[:30] + ', ' + load:48} {p50:8.1f} {p90:8.1f} {p99:8.1f}")
+            print(f"{label[:30] + ', ' + load:56} {p50:8.1f} {p90:8.1f} {p99:8.1f}")
     base = results[labels[1]]
     for load, (p50, _, p99) in results[labels[0]].items():
         b50, _, b99 = base[load]

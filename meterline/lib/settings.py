@@ -50,6 +50,13 @@ class KafkaSettings(BaseSettings):
         description="A pipeline instance silent this long (crashed, frozen) loses its "
         "partitions to the others; heartbeats go every second.",
     )
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Longest a pipeline's fetch waits at the broker when nothing is new: "
+        "on a quiet topic, how late an event may reach the pipeline.",
+    )
 
 
 class ClickHouseSettings(BaseSettings):

@@ -211,6 +211,7 @@ class PricingPipeline:
             session_timeout_ms=kafka.session_timeout_ms,
             max_partition_fetch_bytes=4 << 20,
             fetch_max_bytes=32 << 20,
+            fetch_max_wait_ms=kafka.fetch_max_wait_ms,
         )
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers, acks="all", enable_idempotence=False
