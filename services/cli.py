@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from meterline.accounts import Account, AccountExists, AccountNotFound, ApiKey, KeyNotFound
 from meterline.accounts.manage import Accounts
@@ -26,6 +26,7 @@ from meterline.quotas.plans import PlanVersion
 from meterline.quotas.store import PlanNotFound, PlanStore
 
 if TYPE_CHECKING:
+    from meterline.credits.postgres import PostgresLedger
     from meterline.lib.postgres import Database
 
 
@@ -501,6 +502,154 @@ def _plans() -> Iterator[PlanStore]:
         yield PostgresPlanStore(database)
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+@contextlib.contextmanager
+def _ledger() -> Iterator[PostgresLedger]:
+    """The credits ledger of the configured PostgreSQL."""
+    from meterline.credits.postgres import PostgresLedger
+
+    with _database(Settings()) as database:
+        yield PostgresLedger(database)
+
+
+def _body(schema: type[_Model], what: str, fields: dict[str, object]) -> _Model:
+    """The CLI's arguments through the API's own body schema: the same rules and names."""
+    try:
+        return schema.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise _invalid(what, exc, what) from None
+
+
+def cmd_credits_grant(args: argparse.Namespace) -> int:
+    from meterline.credits.schemas import GrantIn, GrantOut
+
+    body = _body(
+        GrantIn,
+        "grant",
+        {
+            "amount_usd": args.amount_usd,
+            "kind": args.kind,
+            "priority": args.priority,
+            "effective_at": args.effective_at,
+            "expires_at": args.expires_at,
+            "idempotency_key": args.idempotency_key,
+        },
+    )
+    with _ledger() as ledger:
+        grant, made = ledger.grant(
+            args.account_id,
+            amount_picos=body.amount_usd,
+            kind=body.kind,
+            priority=body.priority,
+            effective_at=body.effective_at,
+            expires_at=body.expires_at,
+            idempotency_key=body.idempotency_key,
+            created_by="cli",
+        )
+    _print_json({**GrantOut.of(grant).model_dump(mode="json"), "created": made})
+    return 0
+
+
+def cmd_credits_adjust(args: argparse.Namespace) -> int:
+    from meterline.credits.schemas import AdjustmentIn, EntryOut
+
+    body = _body(
+        AdjustmentIn,
+        "adjustment",
+        {
+            "amount_usd": args.amount_usd,
+            "reason": args.reason,
+            "idempotency_key": args.idempotency_key,
+        },
+    )
+    with _ledger() as ledger:
+        entry, made = ledger.adjust(
+            args.account_id,
+            amount_picos=body.amount_usd,
+            reason=body.reason,
+            idempotency_key=body.idempotency_key,
+            created_by="cli",
+        )
+    _print_json({**EntryOut.of(entry).model_dump(mode="json"), "created": made})
+    return 0
+
+
+def cmd_credits_void(args: argparse.Namespace) -> int:
+    from meterline.credits.schemas import EntryOut, VoidIn
+
+    body = _body(VoidIn, "void", {"idempotency_key": args.idempotency_key, "reason": args.reason})
+    with _ledger() as ledger:
+        entry, made = ledger.void(
+            args.account_id,
+            args.grant_id,
+            idempotency_key=body.idempotency_key,
+            reason=body.reason,
+            created_by="cli",
+        )
+    _print_json({**EntryOut.of(entry).model_dump(mode="json"), "created": made})
+    return 0
+
+
+def cmd_credits_balance(args: argparse.Namespace) -> int:
+    from meterline.money import format_usd
+
+    with _ledger() as ledger:
+        balance = ledger.balance(args.account_id)
+    print(
+        f"account {balance.account_id}: balance ${format_usd(balance.balance_picos)}, "
+        f"available ${format_usd(balance.available_picos)}, owed ${format_usd(balance.owed_picos)}"
+    )
+    print(f"{'grant':<20} {'kind':<12} {'priority':>8} {'left':>14} {'of':>14}  expires")
+    for g in balance.grants:
+        expires = g.expires_at.isoformat() if g.expires_at else "never"
+        print(
+            f"{g.grant_id:<20} {g.kind.value:<12} {g.priority:>8} "
+            f"{format_usd(g.remaining_picos):>14} {format_usd(g.amount_picos):>14}  {expires}"
+        )
+    return 0
+
+
+def cmd_credits_ledger(args: argparse.Namespace) -> int:
+    from meterline.money import format_usd
+
+    with _ledger() as ledger:
+        entries = ledger.entries(args.account_id, limit=args.limit)
+    print(f"{'entry':>8} {'kind':<10} {'amount':>16}  {'effective at':<32} detail")
+    for e in entries:
+        detail = e.reason or (f"{e.events} events" if e.events else e.grant_id or "")
+        print(
+            f"{e.entry_id:>8} {e.kind.value:<10} {format_usd(e.amount_picos):>16}  "
+            f"{e.effective_at.isoformat():<32} {detail}"
+        )
+    return 0
+
+
+def cmd_credits_check(args: argparse.Namespace) -> int:
+    """Through the HTTP API, which holds the warehouse (an embedded chDB only it opens)."""
+    from urllib.parse import quote
+
+    params = {name: value for name, value in (("from", args.start), ("to", args.end)) if value}
+    found = _api_get(
+        _api_url(args.api),
+        f"/v1/accounts/{quote(args.account_id, safe='')}/ledger/check",
+        _key(args.key, "admin"),
+        params,
+    )
+    verdict = "agree" if found["agrees"] else "DIFFER"
+    print(
+        f"account {found['account_id']}, {found['start']} to {found['end']}: ledger and "
+        f"warehouse {verdict}: debited {found['ledger_events']} events, "
+        f"${found['ledger_usd']}; warehouse {found['warehouse_events']}, "
+        f"${found['warehouse_usd']}"
+    )
+    for what in ("missing", "extra", "differing"):
+        if found[what]:
+            print(f"  {what}: {', '.join(found[what])}")
+    return 0 if found["agrees"] else 1
+
+
 def _invalid(what: str, exc: ValidationError, whole: str) -> ValueError:
     """The arguments' problems, each with its field (``limits.spend_per_month_usd``);
     ``whole`` names the argument when the problem is all of it."""
@@ -739,6 +888,47 @@ def build_parser() -> argparse.ArgumentParser:
     pshow = psub.add_parser("show", help="the plan an account is on now")
     pshow.add_argument("account_id")
     pshow.set_defaults(func=cmd_plans_show)
+
+    credits = sub.add_parser("credits", help="prepaid credits: grants, balance, ledger")
+    crsub = credits.add_subparsers(dest="credits_command", required=True)
+    key_help = "chosen by you (an order or payment id): the same key again posts nothing"
+    cgrant = crsub.add_parser("grant", help="give an account credits")
+    cgrant.add_argument("account_id")
+    cgrant.add_argument("amount_usd", help='decimal USD, e.g. "25.00"')
+    cgrant.add_argument("--idempotency-key", required=True, help=key_help)
+    cgrant.add_argument("--kind", choices=["purchased", "promotional"], default=None)
+    cgrant.add_argument("--priority", type=int, help="lower is spent first (default 10)")
+    cgrant.add_argument("--effective-at", help="ISO 8601 (default: now)")
+    cgrant.add_argument("--expires-at", help="ISO 8601 (default: never)")
+    cgrant.set_defaults(func=cmd_credits_grant)
+    cadjust = crsub.add_parser("adjust", help="credit (+) or debit (-) an account, with a reason")
+    cadjust.add_argument("account_id")
+    cadjust.add_argument("amount_usd", help='decimal USD, e.g. "-1.50"')
+    cadjust.add_argument("--reason", required=True)
+    cadjust.add_argument("--idempotency-key", required=True, help=key_help)
+    cadjust.set_defaults(func=cmd_credits_adjust)
+    cvoid = crsub.add_parser("void", help="release what is left of a grant")
+    cvoid.add_argument("account_id")
+    cvoid.add_argument("grant_id")
+    cvoid.add_argument("--idempotency-key", required=True, help=key_help)
+    cvoid.add_argument("--reason", default=None)
+    cvoid.set_defaults(func=cmd_credits_void)
+    cbalance = crsub.add_parser("balance", help="an account's balance and open grants")
+    cbalance.add_argument("account_id")
+    cbalance.set_defaults(func=cmd_credits_balance)
+    cledger = crsub.add_parser("ledger", help="an account's ledger entries, oldest first")
+    cledger.add_argument("account_id")
+    cledger.add_argument("--limit", type=int, default=100)
+    cledger.set_defaults(func=cmd_credits_ledger)
+    ccheck = crsub.add_parser(
+        "check", help="does the ledger agree with the warehouse? (from the HTTP API)"
+    )
+    ccheck.add_argument("account_id")
+    ccheck.add_argument("--from", dest="start", help="ISO 8601 (default: the month's start)")
+    ccheck.add_argument("--to", dest="end", help="ISO 8601 (default: now)")
+    ccheck.add_argument("--api", help="the HTTP API's URL (default: METERLINE_HTTP_PORT)")
+    ccheck.add_argument("--key", help="an admin key (default: METERLINE_KEY or keys.json)")
+    ccheck.set_defaults(func=cmd_credits_check)
 
     catalog = sub.add_parser("catalog", help="list, add or import prices")
     csub = catalog.add_subparsers(dest="catalog_command", required=True)
