@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+#: How often the API releases expired grants.
+CREDIT_EXPIRY_S = 60.0
 
 
 class _ApiServer(uvicorn.Server):
@@ -329,6 +331,20 @@ class ApiServer:
             )
         )
         self.task: asyncio.Task[None] | None = None
+        self.ledger = access.ledger
+        self.expiring: asyncio.Task[None] | None = None
+
+    async def _expire_credits(self) -> None:
+        """Grants that expired are released each minute, even on accounts with no other
+        activity (a posting for the account releases them first anyway)."""
+        while True:
+            try:
+                released = await asyncio.to_thread(self.ledger.expire_due)
+                if released:
+                    log.info("credits: %d expired grants released", released)
+            except Exception as exc:  # PostgreSQL down: the next minute tries again
+                log.warning("credits: could not release expired grants: %s", exc)
+            await asyncio.sleep(CREDIT_EXPIRY_S)
 
     async def _serve(self) -> None:
         try:
@@ -343,8 +359,13 @@ class ApiServer:
                 await self.task  # raises the reason it could not start
                 raise OSError(f"the HTTP API could not listen on {self.address}")
             await asyncio.sleep(0.02)
+        self.expiring = asyncio.create_task(self._expire_credits())
 
     async def stop(self) -> None:
+        if self.expiring is not None:
+            self.expiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.expiring
         self.server.should_exit = True
         if self.task is not None:
             with contextlib.suppress(OSError):  # already raised by start()

@@ -199,3 +199,26 @@ def test_postings_for_an_unknown_account_are_refused(ledger: PostgresLedger) -> 
         ledger.grant(
             unique("nobody"), amount_picos=USD, kind=GrantKind.PURCHASED, idempotency_key="x"
         )
+
+
+def test_an_idle_accounts_expired_grant_is_released_at_its_expiry(
+    ledger: PostgresLedger, account: str
+) -> None:
+    expires = T0 + timedelta(days=1)
+    ledger.grant(
+        account,
+        amount_picos=3 * USD,
+        kind=GrantKind.PROMOTIONAL,
+        effective_at=T0,
+        expires_at=expires,
+        idempotency_key="trial",
+        now=T0,
+    )
+    later = T0 + timedelta(days=2)
+    assert ledger.balance(account, now=later).available_picos == 0  # read before release
+    assert ledger.expire_due(now=later) >= 1
+    (expiry,) = ledger.entries(account, kinds=[EntryKind.EXPIRY])
+    assert (expiry.amount_picos, expiry.effective_at) == (-3 * USD, expires)
+    ledger.expire_due(now=later + timedelta(days=1))  # released once
+    assert len(ledger.entries(account, kinds=[EntryKind.EXPIRY])) == 1
+    assert explained(ledger, account, later) == 0
