@@ -504,7 +504,13 @@ async def quota_server(
     )
     try:
         await desk.start()
-        server = QuotaServer(desk, settings=settings.quota, auth=access.auth, registry=registry)
+        server = QuotaServer(
+            desk,
+            settings=settings.quota,
+            auth=access.auth,
+            registry=registry,
+            rules=settings.events,
+        )
         await server.start()
         stack.endpoints["quotas (gRPC)"] = server.address
         try:

@@ -172,10 +172,6 @@ class QuotaDesk:
             return held
         return await asyncio.shield(task)
 
-    def forget(self, account_id: str) -> None:
-        """Read the account's terms again at its next check (after a change made here)."""
-        self._terms.pop(account_id, None)
-
     # -- checks -------------------------------------------------------------------------
 
     def estimated_charge(self, request: QuotaRequest, plan: PlanVersion, at: datetime) -> int:

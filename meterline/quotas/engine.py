@@ -143,6 +143,10 @@ class LimitState:
     #: the end of the calendar window; None for the rolling minute and in-flight
     resets_at: datetime | None
 
+    def shown(self, value: int) -> str:
+        """One of its amounts as answers give it: decimal USD for spend, else a count."""
+        return format_usd(value) if self.limit.startswith("spend") else str(value)
+
 
 @dataclass(frozen=True, slots=True)
 class WindowRef:

@@ -144,15 +144,12 @@ class LimitOut(BaseModel):
 
     @classmethod
     def of(cls, state: LimitState) -> Self:
-        def amount(value: int) -> str:
-            return format_usd(value) if state.limit.startswith("spend") else str(value)
-
         return cls(
             limit=state.limit,
             scope=state.scope,
-            used=amount(state.used),
-            cap=amount(state.cap),
-            remaining=amount(state.remaining),
+            used=state.shown(state.used),
+            cap=state.shown(state.cap),
+            remaining=state.shown(state.remaining),
             resets_at=state.resets_at.isoformat() if state.resets_at else None,
         )
 

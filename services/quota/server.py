@@ -28,10 +28,10 @@ from meterline.accounts.grpc import AuthInterceptor, current_principal
 from meterline.accounts.model import KeyKind, account_id_problem
 from meterline.lib.grpc_server import ServiceServer
 from meterline.lib.metrics import CollectorRegistry
-from meterline.lib.settings import QuotaSettings
-from meterline.money import MAX_TOKEN_COUNT, format_usd
+from meterline.lib.settings import EventRules, QuotaSettings
+from meterline.money import MAX_TOKEN_COUNT
 from meterline.quotas.desk import QuotaDesk
-from meterline.quotas.engine import REASONS, Decision, LimitState, QuotaRequest
+from meterline.quotas.engine import REASONS, Decision, QuotaRequest
 from meterline.v1 import quota_pb2, quota_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,6 @@ SERVICE_NAME = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 CHECKERS = frozenset({KeyKind.ADMIN, KeyKind.SERVICE})
 #: The engine's reason codes as the proto's enum.
 DENY_REASONS = {name: quota_pb2.DenyReason.Value(f"DENY_REASON_{name.upper()}") for name in REASONS}
-#: Longest event id, model and provider a check takes (as usage events: EventRules).
-MAX_ID = 128
-MAX_NAME = 256
 
 if TYPE_CHECKING:
     _Context = grpc.aio.ServicerContext[Any, Any]
@@ -68,31 +65,29 @@ class QuotaMetrics:
         )
 
 
-def _problem(request: quota_pb2.CheckQuotaRequest) -> str | None:
-    """Why a check cannot be judged, naming the field; None when it can."""
+def _problem(request: quota_pb2.CheckQuotaRequest, rules: EventRules) -> str | None:
+    """Why a check cannot be judged, naming the field; None when it can. Ids and names
+    are bounded as the usage event that follows must be (``EventRules``)."""
+    longest_id, longest_name = rules.max_id_length, rules.max_name_length
     if (problem := account_id_problem(request.account_id)) is not None:
         return problem
     for name, value, longest in (
-        ("event_id", request.event_id, MAX_ID),
-        ("model", request.model, MAX_NAME),
+        ("event_id", request.event_id, longest_id),
+        ("model", request.model, longest_name),
     ):
         if not value.strip():
             return f"{name} is missing"
         if len(value) > longest:
             return f"{name} is longer than {longest} characters"
-    if len(request.provider) > MAX_NAME:
-        return f"provider is longer than {MAX_NAME} characters"
-    if len(request.api_key_id) > MAX_ID:
-        return f"api_key_id is longer than {MAX_ID} characters"
+    if len(request.provider) > longest_name:
+        return f"provider is longer than {longest_name} characters"
+    if len(request.api_key_id) > longest_id:
+        return f"api_key_id is longer than {longest_id} characters"
     for name in ("input_tokens", "max_output_tokens"):
         value = getattr(request, name)
         if not 0 <= value <= MAX_TOKEN_COUNT:
             return f"{name} is {value}: between 0 and {MAX_TOKEN_COUNT:,}"
     return None
-
-
-def _amount(state: LimitState, value: int) -> str:
-    return format_usd(value) if state.limit.startswith("spend") else str(value)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -120,9 +115,9 @@ def response_of(decision: Decision) -> quota_pb2.CheckQuotaResponse:
             quota_pb2.LimitState(
                 limit=s.limit,
                 scope=s.scope,
-                used=_amount(s, s.used),
-                limit_value=_amount(s, s.cap),
-                remaining=_amount(s, s.remaining),
+                used=s.shown(s.used),
+                limit_value=s.shown(s.cap),
+                remaining=s.shown(s.remaining),
                 resets_at=_timestamp(s.resets_at) if s.resets_at else None,
             )
             for s in decision.limits
@@ -131,8 +126,9 @@ def response_of(decision: Decision) -> quota_pb2.CheckQuotaResponse:
 
 
 class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
-    def __init__(self, desk: QuotaDesk, registry: CollectorRegistry) -> None:
+    def __init__(self, desk: QuotaDesk, registry: CollectorRegistry, rules: EventRules) -> None:
         self.desk = desk
+        self.rules = rules
         self.metrics = QuotaMetrics(registry)
 
     async def _may_act_for(self, account_id: str, context: _Context) -> None:
@@ -146,7 +142,7 @@ class QuotaService(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.CheckQuotaRequest, context: _Context
     ) -> quota_pb2.CheckQuotaResponse:
         started = time.perf_counter()
-        if (problem := _problem(request)) is not None:
+        if (problem := _problem(request, self.rules)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         await self._may_act_for(request.account_id, context)
         asked = QuotaRequest(
@@ -200,7 +196,9 @@ class QuotaServer:
         settings: QuotaSettings,
         auth: Authenticator,
         registry: CollectorRegistry | None = None,
+        rules: EventRules | None = None,
     ) -> None:
+        """``rules``: the bounds of ids and names (the events'; default: the defaults)."""
         self.settings = settings
         self.registry = registry if registry is not None else CollectorRegistry()
         self.server = grpc.aio.server(
@@ -209,7 +207,7 @@ class QuotaServer:
             ],
         )
         quota_pb2_grpc.add_QuotaServiceServicer_to_server(
-            QuotaService(desk, self.registry), self.server
+            QuotaService(desk, self.registry, rules or EventRules()), self.server
         )
         self.served = ServiceServer(
             self.server,
