@@ -72,6 +72,7 @@ from meterline.accounts.manage import Accounts
 from meterline.accounts.model import Principal
 from meterline.accounts.postgres import PostgresAccountStore
 from meterline.catalog import PriceBook
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.postgres import open_database
 from meterline.lib.redis_server import connect_redis
 from meterline.lib.settings import PostgresSettings, QuotaSettings
@@ -254,6 +255,7 @@ async def serve(setup: Setup) -> None:
             settings=settings,
             accounts=store,
             plans=PostgresPlanStore(database),
+            ledger=PostgresLedger(database),
             warehouse=warehouse,
         ).timed()
         auth = TimedAuthenticator(ring)

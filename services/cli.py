@@ -514,6 +514,40 @@ def _ledger() -> Iterator[PostgresLedger]:
         yield PostgresLedger(database)
 
 
+def _credits_to_gate(ledger: PostgresLedger, account_id: str) -> None:
+    """The account's credits as just posted, to the Redis where quota checks read them;
+    a Redis that does not answer is told of (checks read the ledger again within
+    ``CREDIT_REFRESH_S``)."""
+    import redis.asyncio
+    from redis.exceptions import RedisError
+
+    from meterline.quotas.engine import CREDIT_REFRESH_S, QuotaEngine
+
+    settings = Settings()
+    state = ledger.credit(account_id)
+
+    async def publish() -> None:
+        client = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        try:
+            engine = QuotaEngine(
+                client, key_prefix=settings.redis.key_prefix, settings=settings.quota
+            )
+            await engine.publish_credits([state])
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(publish())
+    except (RedisError, OSError) as exc:
+        print(
+            f"meterline: posted, but Redis ({settings.redis_url}) did not take the new "
+            f"credits ({exc}); quota checks see them within {CREDIT_REFRESH_S:.0f} s",
+            file=sys.stderr,
+        )
+
+
 def _body(schema: type[_Model], what: str, fields: dict[str, object]) -> _Model:
     """The CLI's arguments through the API's own body schema: the same rules and names."""
     try:
@@ -548,6 +582,7 @@ def cmd_credits_grant(args: argparse.Namespace) -> int:
             idempotency_key=body.idempotency_key,
             created_by="cli",
         )
+        _credits_to_gate(ledger, args.account_id)
     _print_json({**GrantOut.of(grant).model_dump(mode="json"), "created": made})
     return 0
 
@@ -572,6 +607,7 @@ def cmd_credits_adjust(args: argparse.Namespace) -> int:
             idempotency_key=body.idempotency_key,
             created_by="cli",
         )
+        _credits_to_gate(ledger, args.account_id)
     _print_json({**EntryOut.of(entry).model_dump(mode="json"), "created": made})
     return 0
 
@@ -588,6 +624,7 @@ def cmd_credits_void(args: argparse.Namespace) -> int:
             reason=body.reason,
             created_by="cli",
         )
+        _credits_to_gate(ledger, args.account_id)
     _print_json({**EntryOut.of(entry).model_dump(mode="json"), "created": made})
     return 0
 

@@ -461,7 +461,7 @@ def pricing_pipeline(
     try:
         handlers: list[FlushHandler] = [
             AccountRegistrar(access.accounts.store),
-            LedgerPoster(access.ledger, plans),
+            LedgerPoster(access.ledger, plans, credits_to=settler.take_credits),
             settler,
         ]
         yield PricingPipeline(
@@ -500,6 +500,7 @@ async def quota_server(
         settings=settings.quota,
         accounts=access.accounts.store,
         plans=access.plans,
+        ledger=access.ledger,
         warehouse=wh,
     )
     try:

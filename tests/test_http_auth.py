@@ -205,6 +205,7 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
         settings=QuotaSettings(),
         accounts=accounts.store,
         plans=plans,
+        ledger=ledger,
         warehouse=warehouse,
         refresh_s=3600,
     )

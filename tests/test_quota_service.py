@@ -19,6 +19,7 @@ from meterline.accounts import KeyRing
 from meterline.accounts.manage import Accounts, IssuedKey
 from meterline.accounts.model import AccountStatus, KeyKind
 from meterline.accounts.store import AccountUpdate
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.postgres import Database
 from meterline.lib.settings import QuotaSettings
 from meterline.lib.warehouse import Warehouse
@@ -222,6 +223,7 @@ async def test_redis_down_answers_as_the_setting_says(
             settings=QuotaSettings(when_redis_down=when),
             accounts=accounts.store,
             plans=plans,
+            ledger=PostgresLedger(database),
             warehouse=warehouse,
         )
         await desk.start()

@@ -2,7 +2,9 @@
 `meterline pipeline` process) is SIGKILLed and restarted, and, in the second test, while
 Redis loses every counter: what the account is charged passes the cap by at most one
 request's reservation (by the reservations in flight when Redis lost them), and the
-counter, the warehouse and what was sent agree to the pico-dollar.
+counter, the warehouse and what was sent agree to the pico-dollar. The third drives a
+prepaid account's credits to zero the same way: the requests' holds keep what is
+charged within the credits, and the ledger debits each charge once.
 
 Gateways here check, then report what the request used (never more than its estimate:
 the input is known, the output at most max_output_tokens)."""
@@ -24,6 +26,7 @@ import redis.asyncio
 from conftest import Stack, event
 from meterline.accounts import KeyRing
 from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.credits.model import GrantKind
 from meterline.lib.postgres import Database
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse
@@ -122,9 +125,14 @@ def warehouse_charge(warehouse: Warehouse, account: str) -> tuple[int, int]:
     return int(row["n"]), usd_to_picos(Decimal(row["charge"]))
 
 
-@pytest.mark.parametrize("lose_redis", [False, True], ids=["pipeline-killed", "redis-lost-too"])
+@pytest.mark.parametrize(
+    ("lose_redis", "credits"),
+    [(False, False), (True, False), (False, True)],
+    ids=["pipeline-killed", "redis-lost-too", "prepaid-credits"],
+)
 async def test_a_spend_cap_holds_while_the_pipeline_is_killed(
     lose_redis: bool,
+    credits: bool,
     settings: Settings,
     stack: Stack,
     warehouse: Warehouse,
@@ -144,7 +152,16 @@ async def test_a_spend_cap_holds_while_the_pipeline_is_killed(
         key_ring=key_ring,
         service_key=service_key,
     ) as quotas:
-        account = quotas.account_on(limits=PlanLimits(spend_per_month_usd=CAP_USD))
+        if credits:  # the credits are the cap
+            account = quotas.account_on(billing="prepaid")
+            quotas.desk.ledger.grant(
+                account,
+                amount_picos=usd_to_picos(CAP_USD),
+                kind=GrantKind.PURCHASED,
+                idempotency_key="top-up",
+            )
+        else:
+            account = quotas.account_on(limits=PlanLimits(spend_per_month_usd=CAP_USD))
         env = env_for(settings, METERLINE_CLICKHOUSE_URL=clickhouse_url)
         fleet = PipelineFleet(env, 1, tmp_path)
         fleet.start_all()
@@ -169,7 +186,7 @@ async def test_a_spend_cap_holds_while_the_pipeline_is_killed(
         assert codes == [0], fleet.logs()
         stored, charged = await asyncio.to_thread(warehouse_charge, warehouse, account)
         _, _, states = await quotas.desk.usage(account)
-        counter = {s.limit: s.used for s in states}["spend_per_month"]
+        limits = {s.limit: s for s in states}
     print(
         f"{GATEWAYS} gateways, cap ${CAP_USD}: {dict(run.answers)}; {run.kills} kills, "
         f"{run.redis_losses} Redis losses ({run.reserved_at_loss} reservations lost); "
@@ -177,13 +194,23 @@ async def test_a_spend_cap_holds_while_the_pipeline_is_killed(
         f"(over the cap by ${max(Decimal(charged) / PICOS_PER_USD - CAP_USD, Decimal(0))})"
     )
     cap = usd_to_picos(CAP_USD)
-    assert run.kills >= 1 and run.answers["DENY_REASON_SPEND_PER_MONTH"] > 0
+    denial = "DENY_REASON_INSUFFICIENT_CREDITS" if credits else "DENY_REASON_SPEND_PER_MONTH"
+    assert run.kills >= 1 and run.answers[denial] > 0
     # every allowed request was stored once, at the charge the gateway expected
     assert stored == len(run.sent) and charged == sum(run.sent.values())
-    # Redis agrees with the warehouse once everything is settled
-    assert counter == charged
+    if credits:
+        # each charge debited once, none beyond the credits; Redis holds what is left
+        balance = quotas.desk.ledger.balance(account)
+        assert (balance.available_picos, balance.owed_picos) == (cap - charged, 0)
+        gate = limits["credits"]
+        assert (gate.cap, gate.used) == (cap - charged, 0)
+    else:
+        # Redis agrees with the warehouse once everything is settled
+        assert limits["spend_per_month"].used == charged
     # Redis lost: the unsettled reservations it held were not in the warehouse either
-    allowance = RESERVATION_PICOS * (run.reserved_at_loss if lose_redis else 1)
+    # Credits: a check holds its whole estimate until the debit is in the copy, and no
+    # request used more than its estimate, so nothing is spent beyond them.
+    allowance = RESERVATION_PICOS * (run.reserved_at_loss if lose_redis else 0 if credits else 1)
     assert charged <= cap + allowance
     # the cap was reached: less remains than one more request would need
     assert charged > cap - RESERVATION_PICOS * GATEWAYS

@@ -2,13 +2,20 @@
 balance and the ledger (whoever may read the account), the check against the warehouse
 (admin). The :class:`~meterline.credits.postgres.PostgresLedger` is injected by name as
 ``ledger``; its blocking calls run in a worker thread. An idempotency key used before
-answers 200 with what it posted; used for something else, 409."""
+answers 200 with what it posted; used for something else, 409.
+
+The gate of requests (``credit_gate``, the quota desk, when the API checks quotas)
+keeps a copy of each prepaid account's credits in Redis: a grant, void or adjustment
+writes the new credits there before it answers, so a top-up lets the next request
+through. Redis not answering does not fail the posting: the copy is then read from
+the ledger again within ``CREDIT_REFRESH_S``."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
@@ -16,6 +23,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import FromPath, JSONBody, QueryParameter, SkipValidation
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from pydantic import BaseModel
+from redis.exceptions import RedisError
 
 from meterline.accounts.http import (
     ACCESS_ERRORS,
@@ -42,13 +50,29 @@ from meterline.money import format_usd
 from meterline.quotas.store import PlanStore
 from meterline.usage.report import month_start
 
-__all__ = ["CreditsController"]
+__all__ = ["CreditGate", "CreditsController"]
+
+log = logging.getLogger(__name__)
+
+
+class CreditGate(Protocol):
+    """What gates requests on credits (:class:`~meterline.quotas.desk.QuotaDesk`)."""
+
+    async def refresh_credits(self, account_id: str) -> None:
+        """Write the account's credits, as the ledger says them now, where checks read."""
+        ...
+
+    async def credit_holds(self, account_id: str) -> int:
+        """What the account's requests in flight hold of its credits (pico-dollars)."""
+        ...
+
 
 _ERRORS = [*ACCESS_ERRORS, ValidationException, NotFoundException]
 
 LedgerDependency = NamedDependency[SkipValidation[PostgresLedger]]
 WarehouseDependency = NamedDependency[SkipValidation[Warehouse]]
 PlansDependency = NamedDependency[SkipValidation[PlanStore]]
+GateDependency = NamedDependency[SkipValidation[CreditGate | None]]
 _From = Annotated[
     str | None,
     QueryParameter(
@@ -97,6 +121,21 @@ def _answer(body: BaseModel, made: bool) -> Response[Any]:
     return Response(body, status_code=HTTP_201_CREATED if made else HTTP_200_OK)
 
 
+async def _refresh(gate: CreditGate | None, account_id: str) -> None:
+    """The account's credits, as just posted, to the gate of its requests."""
+    if gate is None:
+        return
+    try:
+        await gate.refresh_credits(account_id)
+    except (RedisError, OSError) as exc:
+        log.warning(
+            "credits: %s posted, but Redis did not take its credits (%s); checks see them "
+            "when they are read from the ledger again",
+            account_id,
+            exc,
+        )
+
+
 class CreditsController(Controller):
     path = "/v1/accounts/{account_id:str}"
     tags = ("credits",)
@@ -107,6 +146,7 @@ class CreditsController(Controller):
         self,
         request: Request[Any, Any, Any],
         ledger: LedgerDependency,
+        credit_gate: GateDependency,
         account_id: FromPath[str],
         data: JSONBody[GrantIn],
     ) -> Response[Any]:
@@ -124,6 +164,7 @@ class CreditsController(Controller):
                 created_by=_who(request),
             )
         )
+        await _refresh(credit_gate, account_id)
         return _answer(GrantOut.of(grant), made)
 
     @post(
@@ -136,6 +177,7 @@ class CreditsController(Controller):
         self,
         request: Request[Any, Any, Any],
         ledger: LedgerDependency,
+        credit_gate: GateDependency,
         account_id: FromPath[str],
         grant_id: FromPath[str],
         data: JSONBody[VoidIn],
@@ -149,6 +191,7 @@ class CreditsController(Controller):
                 created_by=_who(request),
             )
         )
+        await _refresh(credit_gate, account_id)
         return _answer(EntryOut.of(entry), made)
 
     @post(
@@ -161,6 +204,7 @@ class CreditsController(Controller):
         self,
         request: Request[Any, Any, Any],
         ledger: LedgerDependency,
+        credit_gate: GateDependency,
         account_id: FromPath[str],
         data: JSONBody[AdjustmentIn],
     ) -> Response[Any]:
@@ -173,14 +217,24 @@ class CreditsController(Controller):
                 created_by=_who(request),
             )
         )
+        await _refresh(credit_gate, account_id)
         return _answer(EntryOut.of(entry), made)
 
     @get("/balance", summary="An account's credits now", guards=[reads_account], raises=_ERRORS)
-    async def balance(self, ledger: LedgerDependency, account_id: FromPath[str]) -> BalanceOut:
-        """The balance (the sum of its entries), what it may spend now, what usage owes
-        beyond its grants, and its open grants in the order they are spent."""
+    async def balance(
+        self, ledger: LedgerDependency, credit_gate: GateDependency, account_id: FromPath[str]
+    ) -> BalanceOut:
+        """The balance (the sum of its entries), what it may spend now, what requests in
+        flight hold of it, what usage owes beyond its grants, and its open grants in the
+        order they are spent."""
         found = await asyncio.to_thread(ledger.balance, _account(account_id))
-        return BalanceOut.of(found)
+        held: int | None = 0
+        if credit_gate is not None:
+            try:
+                held = await credit_gate.credit_holds(account_id)
+            except (RedisError, OSError):
+                held = None  # unknown: Redis keeps them
+        return BalanceOut.of(found, reserved_picos=held)
 
     @get("/ledger", summary="An account's ledger entries", guards=[reads_account], raises=_ERRORS)
     async def ledger_entries(

@@ -23,12 +23,15 @@ from meterline.money import PICOS_PER_USD
 __all__ = [
     "MAX_GRANT_PICOS",
     "Balance",
+    "CreditState",
     "Draw",
     "Entry",
     "EntryKind",
     "Grant",
     "GrantKind",
+    "available",
     "burn_key",
+    "credit_state",
     "draw",
 ]
 
@@ -118,6 +121,41 @@ class Balance:
     owed_picos: int
     #: its grants with something left, not closed, in burn order
     grants: list[Grant]
+
+
+@dataclass(frozen=True, slots=True)
+class CreditState:
+    """What a prepaid account may spend, as the gate of its requests keeps it (Redis).
+
+    ``version`` grows with every posting, so of two copies written in any order the
+    newer one stays; ``changes_at`` is when the amount changes with no posting (a
+    grant expires or takes effect), after which the copy is read again.
+    """
+
+    account_id: str
+    #: what its usable grants hold less what it owes, never below zero
+    spendable_picos: int
+    version: int
+    changes_at: datetime | None
+
+
+def credit_state(
+    account_id: str, grants: Sequence[Grant], owed_picos: int, version: int, at: datetime
+) -> CreditState:
+    """The account's :class:`CreditState` at ``at``, from its open grants."""
+    moments = [
+        moment
+        for g in grants
+        if g.closed_at is None and g.remaining_picos > 0
+        for moment in (g.effective_at, g.expires_at)
+        if moment is not None and moment > at
+    ]
+    return CreditState(
+        account_id,
+        max(available(grants, owed_picos, at), 0),
+        version,
+        min(moments, default=None),
+    )
 
 
 def burn_key(grant: Grant) -> tuple[int, int, float, datetime, str]:

@@ -25,6 +25,7 @@ from meterline.accounts.model import AccountNotFound
 from meterline.credits.model import (
     MAX_GRANT_PICOS,
     Balance,
+    CreditState,
     Draw,
     Entry,
     EntryKind,
@@ -32,6 +33,7 @@ from meterline.credits.model import (
     GrantKind,
     available,
     burn_key,
+    credit_state,
     draw,
 )
 from meterline.lib.postgres import Database
@@ -350,17 +352,7 @@ class PostgresLedger:
     def balance(self, account_id: str, *, now: datetime | None = None) -> Balance:
         """The account's balance, what it may spend now, what it owes, its open grants."""
         now = now or datetime.now(UTC)
-        self.require(account_id)
-        with self.database.transaction() as connection:
-            cursor = connection.cursor(row_factory=dict_row)
-            row = cursor.execute(
-                "SELECT balance_usd, owed_usd FROM credit_accounts WHERE account_id = %s",
-                (account_id,),
-            ).fetchone()
-            grants = self._open_grants(cursor, account_id)
-        balance, owed = (
-            (0, 0) if row is None else (_picos(row["balance_usd"]), _picos(row["owed_usd"]))
-        )
+        balance, owed, _, grants = self._read(account_id)
         # grants expired since the last posting are not spendable, though not yet released
         return Balance(
             account_id,
@@ -370,6 +362,27 @@ class PostgresLedger:
             owed_picos=owed,
             grants=sorted((g for g in grants if g.remaining_picos), key=burn_key),
         )
+
+    def credit(self, account_id: str, *, now: datetime | None = None) -> CreditState:
+        """What the account may spend now, with the version of the postings it holds."""
+        now = now or datetime.now(UTC)
+        _, owed, version, grants = self._read(account_id)
+        return credit_state(account_id, grants, owed, version, now)
+
+    def _read(self, account_id: str) -> tuple[int, int, int, list[Grant]]:
+        """(balance, owed, version, open grants), all of one snapshot."""
+        self.require(account_id)
+        with self.database.transaction() as connection:
+            cursor = connection.cursor(row_factory=dict_row)
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            row = cursor.execute(
+                "SELECT balance_usd, owed_usd, version FROM credit_accounts WHERE account_id = %s",
+                (account_id,),
+            ).fetchone()
+            grants = self._open_grants(cursor, account_id)
+        if row is None:
+            return 0, 0, 0, grants
+        return _picos(row["balance_usd"]), _picos(row["owed_usd"]), row["version"], grants
 
     def entries(
         self,
@@ -440,8 +453,10 @@ class PostgresLedger:
             )
         except psycopg.errors.ForeignKeyViolation:
             raise AccountNotFound(f"no account {account_id!r}") from None
+        # the update takes the row's lock; a new version marks every posting
         cursor.execute(
-            "SELECT 1 FROM credit_accounts WHERE account_id = %s FOR UPDATE", (account_id,)
+            "UPDATE credit_accounts SET version = version + 1 WHERE account_id = %s",
+            (account_id,),
         )
         expired = [
             g

@@ -134,17 +134,22 @@ class BalanceOut(BaseModel):
     available_usd: str = Field(
         description="What the account may spend now: its usable grants, less what it owes."
     )
+    reserved_usd: str | None = Field(
+        description="What requests in flight hold of it (their estimated charges), until "
+        "their usage is debited; null when it cannot be read (Redis does not answer)."
+    )
     owed_usd: str = Field(
         description="What usage drew beyond the grants; the next grant pays it first."
     )
     grants: list[GrantOut] = Field(description="Open grants, in the order they are spent.")
 
     @classmethod
-    def of(cls, balance: Balance) -> Self:
+    def of(cls, balance: Balance, *, reserved_picos: int | None = 0) -> Self:
         return cls(
             account_id=balance.account_id,
             balance_usd=format_usd(balance.balance_picos),
             available_usd=format_usd(balance.available_picos),
+            reserved_usd=None if reserved_picos is None else format_usd(reserved_picos),
             owed_usd=format_usd(balance.owed_picos),
             grants=[GrantOut.of(g) for g in balance.grants],
         )

@@ -9,7 +9,9 @@ waits on PostgreSQL or ClickHouse once an account has been seen:
   new plan so takes effect within about ``refresh_s``);
 * the catalog is reloaded every ``refresh_s`` in the background;
 * a counter Redis lacks is rebuilt from the warehouse (:mod:`.rebuild`), once per
-  account at a time however many checks find it missing.
+  account at a time however many checks find it missing;
+* a prepaid account's credits Redis lacks (or holds past their time) are read from
+  the ledger and written there, once per account at a time likewise.
 
 The estimate of a request's charge is the pipeline's own pricing
 (:func:`~meterline.usage.model.price_of`, then the plan's sell price) applied to the
@@ -31,6 +33,8 @@ import redis.asyncio
 from meterline.accounts.model import AccountNotFound, AccountStatus
 from meterline.accounts.store import AccountStore
 from meterline.catalog import Catalog, PriceBook
+from meterline.credits.model import CreditState
+from meterline.credits.postgres import PostgresLedger
 from meterline.lib.settings import QuotaSettings
 from meterline.lib.warehouse import Warehouse
 from meterline.quotas.engine import (
@@ -80,6 +84,7 @@ class QuotaDesk:
         key_prefix: ``RedisSettings.key_prefix``.
         settings: the engine's settings.
         accounts, plans: the PostgreSQL stores (blocking; called off the loop).
+        ledger: where a prepaid account's credits are read (blocking).
         warehouse: where prices are read and counters rebuilt from (blocking).
     """
 
@@ -91,6 +96,7 @@ class QuotaDesk:
         settings: QuotaSettings,
         accounts: AccountStore,
         plans: PlanStore,
+        ledger: PostgresLedger,
         warehouse: Warehouse,
         refresh_s: float = TERMS_REFRESH_S,
         clock: Callable[[], float] = time.monotonic,
@@ -99,6 +105,7 @@ class QuotaDesk:
         self.settings = settings
         self.accounts = accounts
         self.plans = plans
+        self.ledger = ledger
         self.prices = PriceBook(warehouse)
         self.counts = WarehouseCounts(warehouse)
         self.refresh_s = refresh_s
@@ -107,6 +114,7 @@ class QuotaDesk:
         self._terms: dict[str, AccountTerms] = {}
         self._refreshing: dict[str, asyncio.Task[AccountTerms]] = {}
         self._rebuilding: dict[str, asyncio.Task[int]] = {}
+        self._crediting: dict[str, asyncio.Task[int]] = {}
         self._catalog_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -203,12 +211,64 @@ class QuotaDesk:
                 estimated_charge_picos=estimate,
                 now=now,
             )
-            if not decision.needs_rebuild or attempt:
+            missing = bool(decision.needs_rebuild or decision.needs_credits)
+            if not missing or attempt:
                 break
-            await self._rebuild(request.account_id, plan, decision.needs_rebuild)
-        if decision.needs_rebuild:  # rebuilt, and gone again: Redis is losing keys
-            return self.engine.unavailable("its day and month counters are not in Redis")
+            await self._restore(
+                request.account_id, plan, decision.needs_rebuild, credits=True, now=now
+            )
+        if decision.needs_rebuild or decision.needs_credits:
+            # restored, and gone again: Redis is losing keys
+            return self.engine.unavailable("its counters are not in Redis")
         return decision
+
+    async def _restore(
+        self,
+        account_id: str,
+        plan: PlanVersion,
+        refs: Sequence[WindowRef],
+        *,
+        credits: bool,
+        now: datetime | None,
+    ) -> None:
+        if refs:
+            await self._rebuild(account_id, plan, refs)
+        if credits and plan.billing == "prepaid":
+            await self._credits(account_id, now)
+
+    async def refresh_credits(self, account_id: str) -> None:
+        """Write the account's credits, as the ledger says them now, where checks read
+        them (after a grant, a void, an adjustment): a read of its own, as one under
+        way may have begun before that posting. Only a prepaid account's are kept."""
+        if await self._prepaid(account_id):
+            await self._read_credits(account_id, None)
+
+    async def credit_holds(self, account_id: str) -> int:
+        if not await self._prepaid(account_id):
+            return 0  # only prepaid accounts' requests hold credits
+        return await self.engine.credit_holds(account_id)
+
+    async def _prepaid(self, account_id: str) -> bool:
+        plan = (await self.terms(account_id)).plan_at(datetime.now(UTC))
+        return plan is not None and plan.billing == "prepaid"
+
+    async def _credits(self, account_id: str, now: datetime | None) -> None:
+        """Write the account's credits from the ledger; checks of the account that find
+        them missing meanwhile wait for this one read."""
+        task = self._crediting.get(account_id)
+        if task is None:
+            task = asyncio.create_task(self._read_credits(account_id, now))
+            self._crediting[account_id] = task
+            task.add_done_callback(lambda _: self._crediting.pop(account_id, None))
+        await asyncio.shield(task)
+
+    async def _read_credits(self, account_id: str, now: datetime | None) -> int:
+        """``now``: tests only, the clock of the ledger's read and of Redis."""
+        try:
+            state = await asyncio.to_thread(lambda: self.ledger.credit(account_id, now=now))
+        except AccountNotFound:  # no account, no credits: nothing is spendable
+            state = CreditState(account_id, 0, 0, None)
+        return await self.engine.publish_credits([state], now=now)
 
     async def _rebuild(self, account_id: str, plan: PlanVersion, refs: Sequence[WindowRef]) -> None:
         """Rebuild ``refs``; checks of the account that find them missing meanwhile wait
@@ -254,7 +314,9 @@ class QuotaDesk:
             except NeedsRebuild as missing:
                 if attempt:
                     raise
-                await self._rebuild(account_id, plan, missing.windows)
+                await self._restore(
+                    account_id, plan, missing.windows, credits=missing.credits, now=now
+                )
         raise AssertionError("unreachable")
 
 

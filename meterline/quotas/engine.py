@@ -44,6 +44,17 @@ Keys are ``{prefix}{a:<account_id>}:...``: one hash slot per account, so a check
 one slot of a Redis Cluster. Undoing an expired reservation touches the keys it
 lists, which the script was not given in KEYS; they are all in that slot. Scripts
 run on Redis 6.2 and 7 (EVALSHA, ``TIME`` for the clock; no functions).
+
+**Prepaid credits.** A prepaid plan's request must also fit in the account's credits
+less what the requests in flight hold: Redis keeps a copy of what the ledger says the
+account may spend (:class:`~meterline.credits.model.CreditState`, written with the
+ledger's version so that the newest copy stays, whatever order writes come in) and the
+holds apart. A check holds its estimated charge; the settle that frees the hold writes,
+in the same script call, the copy the pipeline read after posting those events' debit
+(:meth:`~QuotaEngine.settle`), so the charge is never out of both. A copy absent or
+past its time (a grant expires or takes effect; at most ``CREDIT_REFRESH_S`` old) is
+read from the ledger again (``needs_credits``). So the credits are overspent by at most
+what settles charge beyond their requests' estimates.
 """
 
 from __future__ import annotations
@@ -61,12 +72,14 @@ import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from meterline.credits.model import CreditState
 from meterline.lib.settings import QuotaSettings
 from meterline.money import PICOS_PER_USD, format_usd, usd_to_picos
 from meterline.quotas.plans import Limits, PlanVersion, TokenBasis
 from meterline.quotas.windows import Window, window_bounds, window_id
 
 __all__ = [
+    "CREDIT_REFRESH_S",
     "IN_FLIGHT_RETRY_S",
     "REASONS",
     "Decision",
@@ -86,6 +99,7 @@ log = logging.getLogger(__name__)
 #: Reason codes of a denial (and of an answer without Redis), in the order limits are
 #: judged within a scope; scopes go account, API key, models.
 REASONS = (
+    "insufficient_credits",
     "requests_per_minute",
     "requests_per_day",
     "tokens_per_minute",
@@ -99,6 +113,9 @@ REASONS = (
     "redis_unavailable",
 )
 _ORDER = {name: i for i, name in enumerate(REASONS)}
+#: the limit named otherwise than its reason code: a prepaid account's credits
+_ORDER["credits"] = _ORDER["insufficient_credits"]
+_REASON_OF = {"credits": "insufficient_credits"}
 
 #: retry_after of a request denied for in-flight requests: a slot frees when one ends,
 #: which nothing here can foresee.
@@ -110,6 +127,9 @@ WINDOW_KEY_MARGIN = timedelta(days=1)
 PURGE_PER_CALL = 16
 #: Events of one account in one settle script call, at most (a batch can hold 20,000).
 SETTLE_CHUNK = 500
+#: A copy of an account's credits in Redis is read from the ledger again after this
+#: long at most: a copy a failed write left stale is right again within it.
+CREDIT_REFRESH_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +149,11 @@ class QuotaRequest:
 
 @dataclass(frozen=True, slots=True)
 class LimitState:
-    """One limit of one scope, now: requests, tokens, or pico-dollars for spend."""
+    """One limit of one scope, now: requests, tokens, or pico-dollars for spend and
+    credits (``used``: held by requests in flight, ``cap``: what the ledger holds)."""
 
-    #: the limit, named as the reason codes name it ("requests_per_minute")
+    #: the limit, named as the reason codes name it ("requests_per_minute"); "credits"
+    #: for a prepaid account's (reason insufficient_credits)
     limit: str
     #: "account", "api_key:<id>" or "model:<pattern>"
     scope: str
@@ -144,8 +166,8 @@ class LimitState:
     resets_at: datetime | None
 
     def shown(self, value: int) -> str:
-        """One of its amounts as answers give it: decimal USD for spend, else a count."""
-        return format_usd(value) if self.limit.startswith("spend") else str(value)
+        """One of its amounts as answers give it: decimal USD for money, else a count."""
+        return format_usd(value) if _is_money(self.limit) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,8 +208,9 @@ class RecentEvent:
 class Decision:
     """The answer to a check.
 
-    ``needs_rebuild`` not empty: nothing was reserved and ``allowed`` is False; rebuild
-    those counters (:mod:`.rebuild`) and check again.
+    ``needs_rebuild`` not empty or ``needs_credits``: nothing was reserved and
+    ``allowed`` is False; rebuild those counters (:mod:`.rebuild`), write the account's
+    credits from the ledger (:meth:`QuotaEngine.publish_credits`), and check again.
     """
 
     allowed: bool
@@ -199,8 +222,14 @@ class Decision:
     #: every limit judged, with what remains
     limits: list[LimitState] = field(default_factory=list)
     needs_rebuild: list[WindowRef] = field(default_factory=list)
+    needs_credits: bool = False
     #: the scope of the limit ``reason`` names
     scope: str | None = None
+
+    @property
+    def credits(self) -> LimitState | None:
+        """A prepaid account's credits: what requests in flight hold, of what it has."""
+        return next((s for s in self.limits if s.limit == "credits"), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,11 +247,13 @@ class Settlement:
 
 
 class NeedsRebuild(Exception):
-    """:meth:`QuotaEngine.usage` found counters Redis does not hold."""
+    """:meth:`QuotaEngine.usage` found counters (or credits) Redis does not hold."""
 
-    def __init__(self, windows: list[WindowRef]) -> None:
-        super().__init__(", ".join(f"{w.scope} {w.window_id}" for w in windows))
+    def __init__(self, windows: list[WindowRef], credits: bool = False) -> None:
+        names = [f"{w.scope} {w.window_id}" for w in windows] + ["credits"] * credits
+        super().__init__(", ".join(names))
         self.windows = windows
+        self.credits = credits
 
 
 def _script(name: str) -> str:
@@ -299,22 +330,26 @@ def _scope_label(scope: str) -> str:
     return {"account": "the account", "api_key": f"API key {name}"}.get(kind, f"models {name}")
 
 
+def _is_money(limit: str) -> bool:
+    return limit.startswith("spend") or limit == "credits"
+
+
 def _amount(limit: str, value: int) -> str:
-    return f"${format_usd(value)}" if limit.startswith("spend") else f"{value:,}"
+    return f"${format_usd(value)}" if _is_money(limit) else f"{value:,}"
 
 
 @dataclass(frozen=True, slots=True)
 class _Group:
     """Counters of one scope the check script reads together (see check.lua)."""
 
-    kind: Literal["m", "f", "w"]  # minute, in flight, calendar window
+    kind: Literal["m", "f", "w", "c"]  # minute, in flight, calendar window, credits
     scope: str
     limits: Limits
     ref: WindowRef | None = None
 
     @property
     def width(self) -> int:
-        return {"m": 5, "f": 1, "w": 6}[self.kind]
+        return {"m": 5, "f": 1, "w": 6, "c": 5}[self.kind]
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +384,7 @@ class QuotaEngine:
         self._release = redis.register_script(_script("release.lua"))
         self._rebuild_begin = redis.register_script(_script("rebuild_begin.lua"))
         self._rebuild_finish = redis.register_script(_script("rebuild_finish.lua"))
+        self._credit_publish = redis.register_script(_script("credit_publish.lua"))
         self._redis_down = False
         #: (window, time zone) -> the last such window found: start, end, id
         self._calendar: dict[tuple[Window, str], tuple[datetime, datetime, str]] = {}
@@ -382,6 +418,8 @@ class QuotaEngine:
         timezone: str,
     ) -> list[_Group]:
         groups: list[_Group] = []
+        if plan.billing == "prepaid":
+            groups.append(_Group("c", "account", plan.limits))
         for scope, limits in request_scopes(plan, api_key_id, model):
             if limits.requests_per_minute is not None or limits.tokens_per_minute is not None:
                 groups.append(_Group("m", scope, limits))
@@ -407,6 +445,9 @@ class QuotaEngine:
             elif g.kind == "f":
                 keys.append(f"{base}fly:{g.scope}")
                 args += ["f", lim.max_in_flight or 0]
+            elif g.kind == "c":
+                keys += [f"{base}credit", f"{base}hold"]
+                args.append("c")
             else:
                 assert g.ref is not None
                 following = self._ref(g.scope, g.ref.window, g.ref.end, timezone)
@@ -501,13 +542,15 @@ class QuotaEngine:
         basis: TokenBasis,
         estimate: Mapping[str, int],
         at: datetime,
-    ) -> tuple[list[_Judged], list[WindowRef]]:
-        """Every limit's state from the script's numbers, in the order limits are judged."""
+    ) -> tuple[list[_Judged], list[WindowRef], bool]:
+        """Every limit's state from the script's numbers, in the order limits are judged;
+        the windows absent; whether the credits are."""
         rank: dict[str, int] = {}
         for g in groups:
             rank.setdefault(g.scope, len(rank))
         judged: list[tuple[tuple[int, int], _Judged]] = []
         absent: list[WindowRef] = []
+        credits_absent = False
 
         def add(
             limit: str,
@@ -552,6 +595,14 @@ class QuotaEngine:
                     retry=60.0 if never else wait_t / 1000,
                     never=never,
                 )
+            elif g.kind == "c":
+                present, dollars, picos, held_dollars, held_picos = values
+                if not present:
+                    credits_absent = True
+                    continue
+                spendable = dollars * PICOS_PER_USD + picos
+                held = held_dollars * PICOS_PER_USD + held_picos
+                add("credits", g, spendable, held, "spend", retry=0.0)
             elif g.kind == "f":
                 add(
                     "in_flight",
@@ -576,7 +627,7 @@ class QuotaEngine:
                 add(f"tokens_per_{unit}", g, caps[1], tokens, "tokens", retry=retry, end=end)
                 add(f"spend_per_{unit}", g, caps[2], spend, "spend", retry=retry, end=end)
         judged.sort(key=lambda item: item[0])
-        return [j for _, j in judged], absent
+        return [j for _, j in judged], absent, credits_absent
 
     def _decide(
         self,
@@ -587,7 +638,7 @@ class QuotaEngine:
         at: datetime,
     ) -> Decision:
         status = int(result[0])
-        judged, absent = self._judge(result, groups, basis, estimate, at)
+        judged, absent, credits_absent = self._judge(result, groups, basis, estimate, at)
         if status == 1:  # reserved: report what remains after this request
             states = [
                 LimitState(
@@ -605,13 +656,16 @@ class QuotaEngine:
         if status == 3:
             return Decision(True, None, "allowed: this event_id is already reserved", limits=states)
         if status == 2:
-            names = ", ".join(f"{_scope_label(r.scope)} {r.window_id}" for r in absent)
+            names = [f"{_scope_label(r.scope)} {r.window_id}" for r in absent]
+            names += ["the credits"] * credits_absent
             return Decision(
                 False,
                 None,
-                f"counters not in Redis ({names}): rebuild them from the warehouse and ask again",
+                f"counters not in Redis ({', '.join(names)}): rebuild them from the warehouse "
+                "and the ledger, and ask again",
                 limits=states,
                 needs_rebuild=absent,
+                needs_credits=credits_absent,
             )
         tripped = [j for j in judged if j.trips]
         if not tripped:  # cannot be: the script and this judge the same sums
@@ -619,7 +673,14 @@ class QuotaEngine:
         first = tripped[0]
         s = first.state
         what = s.limit.replace("_", " ")
-        if first.never_fits:
+        if s.limit == "credits":
+            message = (
+                f"insufficient credits: ${format_usd(s.remaining)} available "
+                f"(${format_usd(s.cap)} less ${format_usd(s.used)} held by requests in "
+                f"flight), this request needs up to ${format_usd(first.estimate)}; top up "
+                "to go on"
+            )
+        elif first.never_fits:
             message = (
                 f"{what} of {_scope_label(s.scope)}: this request alone "
                 f"({_amount(s.limit, first.estimate)}) exceeds the cap of {_amount(s.limit, s.cap)}"
@@ -631,10 +692,12 @@ class QuotaEngine:
                 f"{_amount(s.limit, first.estimate)}"
             )
         retry = max(j.retry_after_s for j in tripped)
+        if retry:
+            message += f"; retry in {retry:.1f} s"
         return Decision(
             False,
-            s.limit,
-            f"{message}; retry in {retry:.1f} s",
+            _REASON_OF.get(s.limit, s.limit),
+            message,
             retry_after_s=retry,
             limits=states,
             scope=s.scope,
@@ -675,37 +738,92 @@ class QuotaEngine:
         self,
         items: Sequence[tuple[Settlement, PlanVersion, str]],
         *,
+        credits: Mapping[str, CreditState] | None = None,
         now: datetime | None = None,
     ) -> int:
         """Replace each event's reservation by what it used: (settlement, plan, timezone).
 
         An event without a reservation counts as it is; an event settled within
-        ``settled_memory_s`` is not counted again. One script call per account (per
+        ``settled_memory_s`` is not counted again. ``credits``: per prepaid account, its
+        credits as the ledger said them after debiting these events; written in the
+        same script call that frees their holds. One script call per account (per
         :data:`SETTLE_CHUNK` events), all in one pipeline. Returns the events applied.
         Redis errors are raised: the pipeline retries the batch, which is idempotent.
         """
+        credits = credits or {}
         by_account: dict[str, list[tuple[Settlement, PlanVersion, str]]] = {}
         for item in items:
             by_account.setdefault(item[0].account_id, []).append(item)
-        if not by_account:
+        if not by_account and not credits:
             return 0
         clock = "" if now is None else _ms(now)
         async with self._redis.pipeline(transaction=False) as pipe:
             for account_id, account_items in by_account.items():
                 for start in range(0, len(account_items), SETTLE_CHUNK):
                     keys, args = self._settle_layout(
-                        account_id, account_items[start : start + SETTLE_CHUNK]
+                        account_id,
+                        account_items[start : start + SETTLE_CHUNK],
+                        credits.get(account_id) if start == 0 else None,
                     )
                     await self._settle(keys=keys, args=[clock, *args], client=pipe)
+            applied = len(pipe)
+            for account_id, state in credits.items():
+                if account_id not in by_account:
+                    await self._publish(state, clock, pipe)
+            results = await pipe.execute()
+        return sum(int(r) for r in results[:applied])
+
+    def _credit_args(self, state: CreditState | None) -> list[str | int]:
+        if state is None:
+            return ["", "", "", ""]
+        if state.spendable_picos < 0:
+            raise ValueError(f"{state.account_id}: credits are not negative")
+        return [
+            state.version,
+            str(state.spendable_picos),
+            "" if state.changes_at is None else _ms(state.changes_at),
+            int(CREDIT_REFRESH_S * 1000),
+        ]
+
+    async def _publish(
+        self, state: CreditState, clock: str | int, pipe: redis.asyncio.client.Pipeline
+    ) -> None:
+        base = self._base(state.account_id)
+        await self._credit_publish(
+            keys=[f"{base}credit"], args=[clock, *self._credit_args(state)], client=pipe
+        )
+
+    async def publish_credits(
+        self, states: Iterable[CreditState], *, now: datetime | None = None
+    ) -> int:
+        """Write the accounts' credits as the ledger said them, each unless a newer copy
+        is there (a later posting's). Returns how many were written."""
+        clock = "" if now is None else _ms(now)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for state in states:
+                await self._publish(state, clock, pipe)
             results = await pipe.execute()
         return sum(int(r) for r in results)
 
+    async def credit_holds(self, account_id: str) -> int:
+        """What the account's requests in flight hold of its credits (pico-dollars)."""
+        dollars, picos = await self._redis.hmget(f"{self._base(account_id)}hold", ["d", "p"])
+        return int(dollars or 0) * PICOS_PER_USD + int(picos or 0)
+
     def _settle_layout(
-        self, account_id: str, items: Sequence[tuple[Settlement, PlanVersion, str]]
+        self,
+        account_id: str,
+        items: Sequence[tuple[Settlement, PlanVersion, str]],
+        credit: CreditState | None,
     ) -> tuple[list[str], list[str | int]]:
         base = self._base(account_id)
-        keys: list[str] = [f"{base}res", f"{base}settled"]
-        args: list[str | int] = [int(self._settings.settled_memory_s * 1000), base, PURGE_PER_CALL]
+        keys: list[str] = [f"{base}res", f"{base}settled", f"{base}credit"]
+        args: list[str | int] = [
+            int(self._settings.settled_memory_s * 1000),
+            base,
+            PURGE_PER_CALL,
+            *self._credit_args(credit),
+        ]
         for item, plan, timezone in items:
             if min(item.input_tokens, item.output_tokens, item.charge_picos) < 0:
                 raise ValueError(f"event {item.event_id}: amounts are not negative")
@@ -731,8 +849,9 @@ class QuotaEngine:
         return keys, args
 
     async def forget_windows(self, account_ids: Iterable[str]) -> int:
-        """Delete the accounts' day and month counters, so that the next check rebuilds
-        them from the warehouse (settles were lost). Returns the keys deleted."""
+        """Delete the accounts' day and month counters and credits, so that the next
+        check rebuilds them from the warehouse and the ledger (settles were lost).
+        Returns the keys deleted."""
         deleted = 0
         for account_id in account_ids:
             base = _glob_escape(self._base(account_id))
@@ -740,6 +859,7 @@ class QuotaEngine:
                 keys = [k async for k in self._redis.scan_iter(match=f"{base}{window.value}:*")]
                 if keys:
                     deleted += int(await self._redis.delete(*keys))
+            deleted += int(await self._redis.delete(f"{self._base(account_id)}credit"))
         return deleted
 
     async def release(self, account_id: str, event_id: str) -> bool:
@@ -895,7 +1015,9 @@ class QuotaEngine:
             ],
         )
         estimate = {"requests": 0, "tokens": 0, "spend": 0}
-        judged, absent = self._judge(result, groups, plan.limits.token_basis, estimate, at)
-        if absent:
-            raise NeedsRebuild(absent)
+        judged, absent, credits_absent = self._judge(
+            result, groups, plan.limits.token_basis, estimate, at
+        )
+        if absent or credits_absent:
+            raise NeedsRebuild(absent, credits_absent)
         return [j.state for j in judged]

@@ -21,6 +21,11 @@ oldest are dropped and their accounts' day and month counters deleted once Redis
 back, so the next check rebuilds them from the warehouse, where those events are;
 their reservations then expire on their own. PostgreSQL down (the plans, the time
 zones) still fails the batch, as it fails charging.
+
+Prepaid accounts' credits, as the ledger poster read them after debiting the batch
+(:meth:`QuotaSettler.take_credits`), are written with the settles of their accounts,
+in the same script call; while Redis is down they wait with the settlements, the
+newest copy per account.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from redis.exceptions import RedisError
 
 from meterline.accounts.model import AccountNotFound
 from meterline.accounts.store import AccountStore
+from meterline.credits.model import CreditState
 from meterline.lib.settings import QuotaSettings
 from meterline.quotas.charges import ChargeBook
 from meterline.quotas.engine import QuotaEngine, Settlement
@@ -106,6 +112,8 @@ class QuotaSettler:
         self.pending: list[_Item] = []
         #: accounts whose settlements were dropped: their windows are rebuilt
         self.forgotten: set[str] = set()
+        #: prepaid accounts' credits Redis has not taken yet, the newest per account
+        self.credits: dict[str, CreditState] = {}
         self._next_try = 0.0
         self._down_since: float | None = None
         self._retrying: asyncio.Task[None] | None = None
@@ -168,8 +176,19 @@ class QuotaSettler:
                 occurred_at=e.occurred_at,
             )
             items.append((settlement, plan, self._timezone(e.account_id)))
-        if items:
+        if items or self.credits:
             self._run(self._settle(items))
+
+    def take_credits(self, states: Sequence[CreditState]) -> None:
+        """Credits to write with the next settle (the ledger poster's, of this batch)."""
+        if states:
+            self._run(self._take_credits(states))
+
+    async def _take_credits(self, states: Sequence[CreditState]) -> None:
+        for state in states:
+            held = self.credits.get(state.account_id)
+            if held is None or held.version <= state.version:
+                self.credits[state.account_id] = state
 
     async def _settle(self, items: Sequence[_Item]) -> None:
         """On the loop: settle the waiting settlements and ``items``, or keep them all
@@ -189,13 +208,14 @@ class QuotaSettler:
                 len(dropped),
                 len({item[0].account_id for item in dropped}),
             )
-        if not self.pending or self._clock() < self._next_try:
+        if not (self.pending or self.credits) or self._clock() < self._next_try:
             return
         try:
             if self.forgotten:
                 await self._engine.forget_windows(self.forgotten)
                 self.forgotten.clear()
-            applied = await self._engine.settle(self.pending)
+            credits = dict(self.credits)
+            applied = await self._engine.settle(self.pending, credits=credits)
         except (RedisError, OSError) as exc:
             self._next_try = self._clock() + self.retry_s
             if self._down_since is None:
@@ -217,12 +237,15 @@ class QuotaSettler:
             self._down_since = None
         log.debug("quotas: settled %d events (%d applied)", len(self.pending), applied)
         self.pending.clear()
+        for account_id, state in credits.items():
+            if self.credits.get(account_id) is state:
+                del self.credits[account_id]
 
     async def _retry_pending(self) -> None:
         """Waiting settlements reach Redis without waiting for the next batch."""
         while True:
             await asyncio.sleep(self.retry_s)
-            if self.pending:
+            if self.pending or self.credits:
                 try:
                     await self._settle(())
                 except Exception:  # logged; the next batch tries again

@@ -26,25 +26,25 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meterline/v1/quota.proto\x12\x0cmeterline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x01\n\x11\x43heckQuotaRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\napi_key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\"\x8f\x01\n\nLimitState\x12\r\n\x05limit\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x0c\n\x04used\x18\x03 \x01(\t\x12\x13\n\x0blimit_value\x18\x04 \x01(\t\x12\x11\n\tremaining\x18\x05 \x01(\t\x12-\n\tresets_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x01\n\x12\x43heckQuotaResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.meterline.v1.DenyReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x06limits\x18\x05 \x03(\x0b\x32\x18.meterline.v1.LimitState\";\n\x13ReleaseQuotaRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"(\n\x14ReleaseQuotaResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*\xbf\x03\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x44\x45NY_REASON_REQUESTS_PER_MINUTE\x10\x01\x12 \n\x1c\x44\x45NY_REASON_REQUESTS_PER_DAY\x10\x02\x12!\n\x1d\x44\x45NY_REASON_TOKENS_PER_MINUTE\x10\x03\x12\x1e\n\x1a\x44\x45NY_REASON_TOKENS_PER_DAY\x10\x04\x12 \n\x1c\x44\x45NY_REASON_TOKENS_PER_MONTH\x10\x05\x12\x1d\n\x19\x44\x45NY_REASON_SPEND_PER_DAY\x10\x06\x12\x1f\n\x1b\x44\x45NY_REASON_SPEND_PER_MONTH\x10\x07\x12\x19\n\x15\x44\x45NY_REASON_IN_FLIGHT\x10\x08\x12!\n\x1d\x44\x45NY_REASON_MODEL_NOT_ALLOWED\x10\t\x12!\n\x1d\x44\x45NY_REASON_ACCOUNT_SUSPENDED\x10\n\x12!\n\x1d\x44\x45NY_REASON_REDIS_UNAVAILABLE\x10\x0b\x12$\n DENY_REASON_INSUFFICIENT_CREDITS\x10\x0c\x32\xb6\x01\n\x0cQuotaService\x12O\n\nCheckQuota\x12\x1f.meterline.v1.CheckQuotaRequest\x1a .meterline.v1.CheckQuotaResponse\x12U\n\x0cReleaseQuota\x12!.meterline.v1.ReleaseQuotaRequest\x1a\".meterline.v1.ReleaseQuotaResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meterline/v1/quota.proto\x12\x0cmeterline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x01\n\x11\x43heckQuotaRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\napi_key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\"\x8f\x01\n\nLimitState\x12\r\n\x05limit\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x0c\n\x04used\x18\x03 \x01(\t\x12\x13\n\x0blimit_value\x18\x04 \x01(\t\x12\x11\n\tremaining\x18\x05 \x01(\t\x12-\n\tresets_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd5\x01\n\x12\x43heckQuotaResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.meterline.v1.DenyReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x06limits\x18\x05 \x03(\x0b\x32\x18.meterline.v1.LimitState\x12\x19\n\x11\x63redits_available\x18\x06 \x01(\t\";\n\x13ReleaseQuotaRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"(\n\x14ReleaseQuotaResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*\xbf\x03\n\nDenyReason\x12\x1b\n\x17\x44\x45NY_REASON_UNSPECIFIED\x10\x00\x12#\n\x1f\x44\x45NY_REASON_REQUESTS_PER_MINUTE\x10\x01\x12 \n\x1c\x44\x45NY_REASON_REQUESTS_PER_DAY\x10\x02\x12!\n\x1d\x44\x45NY_REASON_TOKENS_PER_MINUTE\x10\x03\x12\x1e\n\x1a\x44\x45NY_REASON_TOKENS_PER_DAY\x10\x04\x12 \n\x1c\x44\x45NY_REASON_TOKENS_PER_MONTH\x10\x05\x12\x1d\n\x19\x44\x45NY_REASON_SPEND_PER_DAY\x10\x06\x12\x1f\n\x1b\x44\x45NY_REASON_SPEND_PER_MONTH\x10\x07\x12\x19\n\x15\x44\x45NY_REASON_IN_FLIGHT\x10\x08\x12!\n\x1d\x44\x45NY_REASON_MODEL_NOT_ALLOWED\x10\t\x12!\n\x1d\x44\x45NY_REASON_ACCOUNT_SUSPENDED\x10\n\x12!\n\x1d\x44\x45NY_REASON_REDIS_UNAVAILABLE\x10\x0b\x12$\n DENY_REASON_INSUFFICIENT_CREDITS\x10\x0c\x32\xb6\x01\n\x0cQuotaService\x12O\n\nCheckQuota\x12\x1f.meterline.v1.CheckQuotaRequest\x1a .meterline.v1.CheckQuotaResponse\x12U\n\x0cReleaseQuota\x12!.meterline.v1.ReleaseQuotaRequest\x1a\".meterline.v1.ReleaseQuotaResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meterline.v1.quota_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DENYREASON']._serialized_start=708
-  _globals['_DENYREASON']._serialized_end=1155
+  _globals['_DENYREASON']._serialized_start=735
+  _globals['_DENYREASON']._serialized_end=1182
   _globals['_CHECKQUOTAREQUEST']._serialized_start=108
   _globals['_CHECKQUOTAREQUEST']._serialized_end=267
   _globals['_LIMITSTATE']._serialized_start=270
   _globals['_LIMITSTATE']._serialized_end=413
   _globals['_CHECKQUOTARESPONSE']._serialized_start=416
-  _globals['_CHECKQUOTARESPONSE']._serialized_end=602
-  _globals['_RELEASEQUOTAREQUEST']._serialized_start=604
-  _globals['_RELEASEQUOTAREQUEST']._serialized_end=663
-  _globals['_RELEASEQUOTARESPONSE']._serialized_start=665
-  _globals['_RELEASEQUOTARESPONSE']._serialized_end=705
-  _globals['_QUOTASERVICE']._serialized_start=1158
-  _globals['_QUOTASERVICE']._serialized_end=1340
+  _globals['_CHECKQUOTARESPONSE']._serialized_end=629
+  _globals['_RELEASEQUOTAREQUEST']._serialized_start=631
+  _globals['_RELEASEQUOTAREQUEST']._serialized_end=690
+  _globals['_RELEASEQUOTARESPONSE']._serialized_start=692
+  _globals['_RELEASEQUOTARESPONSE']._serialized_end=732
+  _globals['_QUOTASERVICE']._serialized_start=1185
+  _globals['_QUOTASERVICE']._serialized_end=1367
 # @@protoc_insertion_point(module_scope)

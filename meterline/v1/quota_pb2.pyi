@@ -114,11 +114,14 @@ class LimitState(_message.Message):
     REMAINING_FIELD_NUMBER: _builtins.int
     RESETS_AT_FIELD_NUMBER: _builtins.int
     limit: _builtins.str
-    """e.g. "requests_per_minute", "spend_per_month"."""
+    """e.g. "requests_per_minute", "spend_per_month"; "credits" for a prepaid
+    account's credits: limit_value what the ledger holds, used what requests in
+    flight hold of it, remaining what is left for more.
+    """
     scope: _builtins.str
     """"account", "api_key:<id>" or "model:<pattern>"."""
     used: _builtins.str
-    """Counts of requests or tokens; for spend limits, decimal USD strings."""
+    """Counts of requests or tokens; for spend and credits, decimal USD strings."""
     limit_value: _builtins.str
     remaining: _builtins.str
     @_builtins.property
@@ -154,11 +157,18 @@ class CheckQuotaResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    CREDITS_AVAILABLE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     reason: Global___DenyReason.ValueType
     """Set when denied."""
     message: _builtins.str
     """A sentence for people: which limit, how far, when it frees."""
+    credits_available: _builtins.str
+    """A prepaid account's credits less what requests in flight hold (this one's
+    too, if allowed), decimal USD; empty for a postpaid account. Denied with
+    DENY_REASON_INSUFFICIENT_CREDITS when the request's estimated charge does
+    not fit in it.
+    """
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
         """When a retry may be allowed; zero when allowed."""
@@ -175,10 +185,11 @@ class CheckQuotaResponse(_message.Message):
         message: _builtins.str = ...,
         retry_after: _duration_pb2.Duration | None = ...,
         limits: _abc.Iterable[Global___LimitState] | None = ...,
+        credits_available: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "limits", b"limits", "message", b"message", "reason", b"reason", "retry_after", b"retry_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "credits_available", b"credits_available", "limits", b"limits", "message", b"message", "reason", b"reason", "retry_after", b"retry_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -413,6 +413,7 @@ def create_app(
     if ledger is not None and plans is not None:
         handlers.append(CreditsController)
         dependencies["ledger"] = _constant(ledger)
+        dependencies["credit_gate"] = _constant(quotas)
     if quotas is not None:
         handlers.append(AccountQuotaController)
         dependencies["quotas"] = _constant(quotas)

@@ -104,6 +104,7 @@ def response_of(decision: Decision) -> quota_pb2.CheckQuotaResponse:
     retry = Duration()
     if not decision.allowed:
         retry.FromNanoseconds(round(decision.retry_after_s * 1e9))
+    credits = decision.credits
     return quota_pb2.CheckQuotaResponse(
         allowed=decision.allowed,
         reason=DENY_REASONS[decision.reason]
@@ -122,6 +123,7 @@ def response_of(decision: Decision) -> quota_pb2.CheckQuotaResponse:
             )
             for s in decision.limits
         ],
+        credits_available="" if credits is None else credits.shown(credits.remaining),
     )
 
 

@@ -115,6 +115,7 @@ async def quota_desk(
         settings=QuotaSettings(),
         accounts=accounts.store,
         plans=PostgresPlanStore(database),
+        ledger=PostgresLedger(database),
         warehouse=warehouse,
         refresh_s=refresh_s,
     )
@@ -137,9 +138,7 @@ async def serving(
     """The HTTP API with ``desk`` behind its quota route, as `meterline up` runs it; yields
     its URL."""
     settings = Settings(http=HttpSettings(port=free_port()))
-    assert isinstance(desk.plans, PostgresPlanStore)  # the ledger is on its database
-    ledger = PostgresLedger(desk.plans.database)
-    access = Access(key_ring, accounts, key_ring, desk.plans, ledger)
+    access = Access(key_ring, accounts, key_ring, desk.plans, desk.ledger)
     server = ApiServer(settings, warehouse, CollectorRegistry(), access, desk)
     await server.start()
     try:

@@ -17,12 +17,15 @@
 --   'f', cap                                             KEYS: in-flight ZSET event_id -> expiry
 --   'w', expire at (ms), next's expire at, requests cap, tokens cap ('0': none),
 --        spend cap (picos, digits; '': none)             KEYS: the window's HASH, the next one's
--- Returns {status, ...each group's numbers}, status 1 reserved, 0 denied, 2 a window to
--- rebuild (nothing reserved), 3 already reserved (nothing added), 4 peeked. Numbers:
+--   'c' (prepaid: the estimate must fit in the credits less the holds)
+--                                                        KEYS: the credits HASH, the holds HASH
+-- Returns {status, ...each group's numbers}, status 1 reserved, 0 denied, 2 a window or the
+-- credits to rebuild (nothing reserved), 3 already reserved (nothing added), 4 peeked. Numbers:
 --   'm': requests, input, output in the last minute, ms until a request fits and until
 --        its tokens fit (-1: they fit; -2: never, the estimate exceeds the cap)
 --   'f': requests in flight
 --   'w': 1 present or 0 absent (or being built), requests, input, output, spend dollars, spend picos
+--   'c': 1 present or 0 absent (or past its x), credits dollars, picos, holds dollars, picos
 
 local now = clock(ARGV[1])
 local event_id = ARGV[2]
@@ -107,6 +110,26 @@ while a <= #ARGV do
     end
     table.insert(groups, {'f', flying})
     table.insert(out, n)
+  elseif kind == 'c' then
+    local credit, hold = KEYS[k], KEYS[k + 1]
+    k, a = k + 2, a + 1
+    local c = redis.call('HMGET', credit, 'bd', 'bp', 'x')
+    local h = hold_read(hold)
+    if not c[3] or now >= tonumber(c[3]) then
+      rebuild = true  -- absent is not zero: the ledger says what is there
+      for _, v in ipairs({0, 0, 0, h[1], h[2]}) do
+        table.insert(out, v)
+      end
+    else
+      local s = {tonumber(c[1]), tonumber(c[2])}
+      if reserve and not money_le(money_add(h, est_s), s) then
+        fits = false
+      end
+      table.insert(groups, {'c', hold})
+      for _, v in ipairs({1, s[1], s[2], h[1], h[2]}) do
+        table.insert(out, v)
+      end
+    end
   else -- 'w'
     local key, following = KEYS[k], KEYS[k + 1]
     local expire_at, following_expire_at = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
@@ -171,6 +194,10 @@ for _, g in ipairs(groups) do
     redis.call('ZADD', g[2], int(expiry), event_id)
     expire_in(g[2], ttl + MINUTE)
     table.insert(added, {'f', g[2]})
+  elseif g[1] == 'c' then
+    hold_add(g[2], 1, est_s)
+    table.insert(added, {'c', g[2], ARGV[7]})
+    keep(g[2], now + ttl + MINUTE, now)
   else
     window_add(g[2], 1, est_i, est_o, est_s)
     table.insert(added, {'w', g[2], ARGV[5], ARGV[6], ARGV[7]})

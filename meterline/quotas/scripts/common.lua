@@ -150,8 +150,48 @@ local function minute_remove(log, totals, member)
   end
 end
 
+-- A prepaid account's credits, a HASH: v the version of the ledger it copies, bd and bp
+-- what the account may spend (money), x until when (ms) the copy holds; past x (a grant
+-- expires or takes effect, or the copy is just old) it is read from the ledger again.
+-- What the requests in flight hold of it is apart, a HASH d, p (money): a new copy
+-- leaves the holds as they are.
+local CREDIT_LIFE = 86400000  -- an unused copy goes after a day
+
+-- write a copy of the ledger's credits unless a newer one is there; 1 written, 0 not
+local function credit_publish(key, version, digits, changes_at, refresh, now)
+  local held = redis.call('HGET', key, 'v')
+  if held and tonumber(held) > tonumber(version) then
+    return 0
+  end
+  local s = money(digits)
+  local x = now + tonumber(refresh)
+  if changes_at ~= '' then
+    x = math.min(x, tonumber(changes_at))
+  end
+  redis.call('HSET', key, 'v', version, 'bd', int(s[1]), 'bp', int(s[2]), 'x', int(x))
+  expire_in(key, CREDIT_LIFE)
+  return 1
+end
+
+local function hold_read(key)
+  local v = redis.call('HMGET', key, 'd', 'p')
+  return {tonumber(v[1]) or 0, tonumber(v[2]) or 0}
+end
+
+-- add a request's estimated charge to the holds, or take it away (sign -1)
+local function hold_add(key, sign, charge)
+  local h = hold_read(key)
+  if sign > 0 then
+    h = money_add(h, charge)
+  else
+    h = money_sub(h, charge)
+  end
+  redis.call('HSET', key, 'd', int(h[1]), 'p', int(h[2]))
+end
+
 -- Undo a reservation exactly: its HASH (field u) lists what it added, as
---   {'w', window key, input, output, charge}, {'m', log, totals, member}, {'f', in-flight ZSET}.
+--   {'w', window key, input, output, charge}, {'m', log, totals, member}, {'f', in-flight ZSET},
+--   {'c', holds HASH, charge}.
 -- Returns whether there was one.
 local function undo(rkey, reservations, event_id)
   local u = redis.call('HGET', rkey, 'u')
@@ -166,6 +206,10 @@ local function undo(rkey, reservations, event_id)
         minute_remove(e[2], e[3], e[4])
       elseif e[1] == 'f' then
         redis.call('ZREM', e[2], event_id)
+      elseif e[1] == 'c' then
+        if redis.call('EXISTS', e[2]) == 1 then
+          hold_add(e[2], -1, money(e[3]))
+        end
       end
     end
     redis.call('DEL', rkey)

@@ -3,13 +3,17 @@
 --
 -- KEYS[1]  the account's reservations: ZSET event_id -> expiry (ms)
 -- KEYS[2]  the account's settled events: ZSET event_id -> forget at (ms)
--- KEYS[3..] per event: its reservation HASH; the windows it counts in (HASHes); the minute
+-- KEYS[3]  the account's credits HASH (prepaid)
+-- KEYS[4..] per event: its reservation HASH; the windows it counts in (HASHes); the minute
 --          logs it counts in (ZSET, totals HASH pairs)
 -- ARGV[1]  now, ms ('': Redis TIME)
 -- ARGV[2]  how long a settled event is remembered, ms
 -- ARGV[3]  the account's key prefix (of the reservations' HASHes)
 -- ARGV[4]  at most this many expired reservations are undone first
--- ARGV[5..] per event: event_id, occurred at (ms), input, output, charge (picos, digits),
+-- ARGV[5..8] a copy of the account's credits, posted with these events' debit, written
+--          with the holds these events free, at once: version ('': none), credits (picos,
+--          digits), when they change (ms, '': never), how long the copy holds (ms)
+-- ARGV[9..] per event: event_id, occurred at (ms), input, output, charge (picos, digits),
 --          number of windows, number of minute logs
 -- Returns how many events were applied (replays are not).
 
@@ -17,9 +21,12 @@ local now = clock(ARGV[1])
 local memory = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
 purge(KEYS[1], ARGV[3], now, tonumber(ARGV[4]))
+if ARGV[5] ~= '' then
+  credit_publish(KEYS[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8], now)
+end
 
 local applied = 0
-local k, a = 3, 5
+local k, a = 4, 9
 while a <= #ARGV do
   local event_id, occurred = ARGV[a], math.min(tonumber(ARGV[a + 1]), now)
   local i_digits, o_digits = ARGV[a + 2], ARGV[a + 3]

@@ -83,6 +83,8 @@ def upgrade() -> None:
                 CONSTRAINT credit_accounts_account_fkey REFERENCES accounts (account_id),
             balance_usd numeric(38, 12) NOT NULL DEFAULT 0,
             owed_usd numeric(38, 12) NOT NULL DEFAULT 0 CHECK (owed_usd >= 0),
+            -- one more at each posting: a copy of the balance (Redis) keeps the newest
+            version bigint NOT NULL DEFAULT 0,
             updated_at timestamptz NOT NULL DEFAULT now()
         )
         """
