@@ -25,6 +25,10 @@ from meterline.accounts.keys import KeyHasher, server_secret
 from meterline.accounts.manage import Accounts, IssuedKey, first_keys
 from meterline.accounts.postgres import PostgresAccountStore
 from meterline.accounts.registrar import AccountRegistrar
+from meterline.alerts.controller import AlertBook
+from meterline.alerts.deliver import AlertDispatcher
+from meterline.alerts.postgres import AlertStore
+from meterline.alerts.watch import AlertWatcher
 from meterline.catalog import PriceBook
 from meterline.credits.postgres import PostgresLedger
 from meterline.lib.kafka import BrokerError, EmbeddedBroker, ensure_topics, start_producer
@@ -41,6 +45,7 @@ from meterline.lib.redis_server import (
 from meterline.lib.settings import Settings
 from meterline.lib.warehouse import Warehouse, open_warehouse
 from meterline.quotas.postgres import PostgresPlanStore
+from meterline.quotas.rebuild import WarehouseCounts
 from meterline.quotas.store import PlanStore
 from services.api.app import create_app
 
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 #: How often the API releases expired grants.
-CREDIT_EXPIRY_S = 60.0
+MINUTELY_S = 60.0
 
 
 class _ApiServer(uvicorn.Server):
@@ -244,14 +249,16 @@ def redis_server(settings: Settings, stack: Stack) -> Iterator[str]:
 
 @dataclass
 class Access:
-    """Who may ask: the authenticator every server checks keys with, the accounts, and
-    the plans they are on."""
+    """Who may ask: the authenticator every server checks keys with, the accounts, the
+    plans they are on, their credits and alerts, and the server secret."""
 
     auth: Authenticator
     accounts: Accounts
     ring: KeyRing
     plans: PlanStore
     ledger: PostgresLedger
+    alerts: AlertStore
+    server_secret: bytes
 
 
 @contextlib.asynccontextmanager
@@ -282,6 +289,8 @@ async def access(settings: Settings, database: Database) -> AsyncIterator[Access
             ring,
             PostgresPlanStore(database),
             PostgresLedger(database),
+            AlertStore(database),
+            secret,
         )
     finally:
         stop.set()
@@ -310,6 +319,8 @@ class ApiServer:
         registry: CollectorRegistry,
         access: Access,
         quotas: QuotaDesk | None = None,
+        *,
+        bootstrap_servers: str | None = None,
     ) -> None:
         self.address = f"http://{settings.http.host}:{settings.http.port}"
         self.server = _ApiServer(
@@ -321,6 +332,7 @@ class ApiServer:
                     plans=access.plans,
                     quotas=quotas,
                     ledger=access.ledger,
+                    alerts=AlertBook(access.alerts, access.server_secret),
                     registry=registry,
                     settings=settings.http,
                 ),
@@ -332,11 +344,20 @@ class ApiServer:
         )
         self.task: asyncio.Task[None] | None = None
         self.ledger = access.ledger
-        self.expiring: asyncio.Task[None] | None = None
+        self.watcher = alert_watcher(access, wh)
+        self.dispatcher = AlertDispatcher(
+            access.alerts,
+            server_secret=access.server_secret,
+            settings=settings.alerts,
+            kafka=settings.kafka,
+            bootstrap_servers=bootstrap_servers or settings.bootstrap_servers,
+        )
+        self.minutely: asyncio.Task[None] | None = None
 
-    async def _expire_credits(self) -> None:
-        """Grants that expired are released each minute, even on accounts with no other
-        activity (a posting for the account releases them first anyway)."""
+    async def _each_minute(self) -> None:
+        """Grants that expired are released, and every account's alert rules evaluated,
+        each minute, even on accounts with no other activity (a posting releases the
+        account's expired grants first anyway; a batch evaluates its accounts' rules)."""
         while True:
             try:
                 released = await asyncio.to_thread(self.ledger.expire_due)
@@ -344,7 +365,11 @@ class ApiServer:
                     log.info("credits: %d expired grants released", released)
             except Exception as exc:  # PostgreSQL down: the next minute tries again
                 log.warning("credits: could not release expired grants: %s", exc)
-            await asyncio.sleep(CREDIT_EXPIRY_S)
+            try:
+                await asyncio.to_thread(self.watcher.sweep)
+            except Exception as exc:
+                log.warning("alerts: could not evaluate the rules: %s", exc)
+            await asyncio.sleep(MINUTELY_S)
 
     async def _serve(self) -> None:
         try:
@@ -359,13 +384,15 @@ class ApiServer:
                 await self.task  # raises the reason it could not start
                 raise OSError(f"the HTTP API could not listen on {self.address}")
             await asyncio.sleep(0.02)
-        self.expiring = asyncio.create_task(self._expire_credits())
+        self.minutely = asyncio.create_task(self._each_minute())
+        await self.dispatcher.start()
 
     async def stop(self) -> None:
-        if self.expiring is not None:
-            self.expiring.cancel()
+        await self.dispatcher.close()
+        if self.minutely is not None:
+            self.minutely.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self.expiring
+                await self.minutely
         self.server.should_exit = True
         if self.task is not None:
             with contextlib.suppress(OSError):  # already raised by start()
@@ -463,12 +490,24 @@ def pricing_pipeline(
             AccountRegistrar(access.accounts.store),
             LedgerPoster(access.ledger, plans, credits_to=settler.take_credits),
             settler,
+            alert_watcher(access, wh),
         ]
         yield PricingPipeline(
             settings, wh, bootstrap, handlers=handlers, plans=plans, registry=registry
         )
     finally:
         settler.close()
+
+
+def alert_watcher(access: Access, wh: Warehouse) -> AlertWatcher:
+    """What evaluates the accounts' alert rules: after each batch, and each minute."""
+    return AlertWatcher(
+        access.alerts,
+        ledger=access.ledger,
+        plans=access.plans,
+        accounts=access.accounts.store,
+        counts=WarehouseCounts(wh),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -546,7 +585,7 @@ async def up(settings: Settings, stop: asyncio.Event) -> None:
         stack.endpoints["pricing pipeline"] = (
             f"group {settings.kafka.consumer_group} on topic {settings.kafka.topic}"
         )
-        api = ApiServer(settings, wh, registry, granted, quotas)
+        api = ApiServer(settings, wh, registry, granted, quotas, bootstrap_servers=bootstrap)
         failure = None
         try:
             await api.start()

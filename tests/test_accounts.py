@@ -234,7 +234,7 @@ def test_migrations_are_idempotent_and_serialized(postgres_url: str) -> None:
     for runner in runners:
         runner.join()
     # one applied them, two found them done
-    assert sorted(results, key=len) == [[], [], ["0001", "0002", "0003"]]
+    assert sorted(results, key=len) == [[], [], ["0001", "0002", "0003", "0004"]]
     with psycopg.connect(postgres_url, autocommit=True) as connection:
         connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
 

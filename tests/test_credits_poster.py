@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from conftest import Stack, event, unique
 from meterline.accounts.manage import Accounts
 from meterline.credits.check import check_ledger
-from meterline.credits.model import EntryKind, GrantKind
+from meterline.credits.model import CreditState, EntryKind, GrantKind
 from meterline.credits.poster import LedgerPoster
 from meterline.credits.postgres import PostgresLedger
 from meterline.lib.postgres import Database
@@ -42,7 +42,8 @@ async def test_priced_usage_is_debited_once_and_agrees_with_the_warehouse(
     prepaid = account_on(accounts, database, "prepaid")
     postpaid = account_on(accounts, database, "postpaid")
     ledger.grant(prepaid, amount_picos=USD, kind=GrantKind.PURCHASED, idempotency_key="top-up")
-    poster = LedgerPoster(ledger, book)
+    published: list[CreditState] = []  # what the quota settler would write to Redis
+    poster = LedgerPoster(ledger, book, credits_to=published.extend)
     stack.start_pipeline(handlers=[poster], plans=book)
 
     events = [
@@ -68,14 +69,20 @@ async def test_priced_usage_is_debited_once_and_agrees_with_the_warehouse(
     (debit,) = ledger.entries(prepaid, kinds=[EntryKind.DEBIT])
     assert (debit.amount_picos, debit.events) == (-charged, 2)  # the unpriced one: nothing
     assert ledger.balance(prepaid).available_picos == USD - charged
+    assert published[-1] == ledger.credit(prepaid)  # read after the debit
+    assert published[-1].spendable_picos == USD - charged
+    assert {s.account_id for s in published} == {prepaid}
     assert ledger.entries(postpaid) == []  # postpaid: billed by statements, not credits
 
     # the batch handed over again (the pipeline killed before its commit): nothing more
     keys = {(e.account_id, e.event_id) for e in events}
     replayed = ClickHouseUsageStore(warehouse).stored(keys)
     assert len(replayed) == 4
+    before = len(published)
     poster.on_flush(list(replayed.values()))
     assert len(ledger.entries(prepaid, kinds=[EntryKind.DEBIT])) == 1
+    # the replay sends the credits again: its first run may have stopped before Redis had them
+    assert len(published) == before + 1 and published[-1].spendable_picos == USD - charged
     stored = ledger.debited(prepaid, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC))
     assert sorted(stored.values()) == [1_120_000_000, 2_560_000_000]
     window = (datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))

@@ -29,6 +29,9 @@ from conftest import bearer, unique
 from meterline.accounts import KeyKind, KeyRing
 from meterline.accounts.keys import new_key
 from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.alerts.controller import AlertBook
+from meterline.alerts.model import AlertKind
+from meterline.alerts.postgres import AlertStore
 from meterline.credits.model import GrantKind
 from meterline.credits.postgres import PostgresLedger
 from meterline.lib.postgres import Database
@@ -83,6 +86,16 @@ POLICY: dict[tuple[str, str], Route] = {
     ("GET", "/v1/accounts/{account_id}/balance"): Route(Policy.READS_ACCOUNT, 200, missing=404),
     ("GET", "/v1/accounts/{account_id}/ledger"): Route(Policy.READS_ACCOUNT, 200, missing=404),
     ("GET", "/v1/accounts/{account_id}/ledger/check"): Route(Policy.ADMIN, 200, missing=404),
+    ("PUT", "/v1/accounts/{account_id}/alerts/webhook"): Route(Policy.ADMIN, 200, missing=404),
+    ("DELETE", "/v1/accounts/{account_id}/alerts/webhook"): Route(Policy.ADMIN, 204, missing=404),
+    ("POST", "/v1/accounts/{account_id}/alerts/rules"): Route(Policy.ADMIN, 201, missing=404),
+    ("GET", "/v1/accounts/{account_id}/alerts/rules"): Route(
+        Policy.READS_ACCOUNT, 200, missing=404
+    ),
+    ("DELETE", "/v1/accounts/{account_id}/alerts/rules/{rule_id}"): Route(
+        Policy.ADMIN, 204, missing=404
+    ),
+    ("GET", "/v1/accounts/{account_id}/alerts"): Route(Policy.READS_ACCOUNT, 200, missing=404),
 }
 #: Routes anyone may call; so may OPTIONS (Litestar's answer: the methods, nothing else).
 OPEN = {("GET", "/"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
@@ -159,6 +172,7 @@ class Cast:
     #: a plan account A is on
     plan_id: str
     ledger: PostgresLedger
+    alerts: AlertStore
 
     def grant_of(self, account: str | None) -> str:
         """A new grant of account A for the void route to release (C has none)."""
@@ -171,6 +185,18 @@ class Cast:
             idempotency_key=unique("matrix-grant"),
         )
         return grant.grant_id
+
+    def rule_of(self, account: str | None) -> str:
+        """A new alert rule of account A for the remove route to remove (C has none)."""
+        if account != "A":
+            return "alr_missing"
+        rule = self.alerts.add_rule(self.accounts["A"], AlertKind.CREDITS_EXPIRING, within=DAY)
+        return rule.rule_id
+
+    def ready(self, cell: Cell) -> None:
+        """What the cell's call removes, made first (for account A)."""
+        if cell.account == "A" and (cell.method, cell.path) == WEBHOOK_REMOVAL:
+            self.alerts.set_webhook(self.accounts["A"], "https://gateway.example/alerts")
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +242,7 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
         plans=plans,
         quotas=quotas,
         ledger=ledger,
+        alerts=AlertBook(AlertStore(database), b"matrix-server-secret-0123456789"),
         registry=CollectorRegistry(),
     )
     authorization: dict[str, str | None] = {
@@ -225,7 +252,9 @@ def cast(warehouse: Warehouse, accounts: Accounts, key_ring: KeyRing, database: 
     }
     authorization |= {who: bearer(key)["Authorization"] for who, key in issued.items()}
     key_ids = {who: key.key.key_id for who, key in issued.items()}
-    return Cast(app, names, authorization, key_ids, revocable, plan_id, ledger)
+    return Cast(
+        app, names, authorization, key_ids, revocable, plan_id, ledger, AlertStore(database)
+    )
 
 
 @pytest.fixture
@@ -259,7 +288,16 @@ BODIES: dict[tuple[str, str], Callable[[Cast], Any]] = {
         "reason": "matrix",
         "idempotency_key": unique("matrix-adjust"),
     },
+    ("PUT", "/v1/accounts/{account_id}/alerts/webhook"): lambda _: {
+        "url": "https://gateway.example/alerts"
+    },
+    ("POST", "/v1/accounts/{account_id}/alerts/rules"): lambda _: {
+        "kind": "balance_below",
+        "threshold_usd": "5",
+    },
 }
+WEBHOOK_REMOVAL = ("DELETE", "/v1/accounts/{account_id}/alerts/webhook")
+DAY = timedelta(days=1)
 QUERIES = {("GET", "/v1/catalog/versions"): {"model": "gpt-4.1-mini"}}
 
 
@@ -269,7 +307,9 @@ async def call(client: Client, cast: Cast, cell: Cell) -> Any:
         key_id=cast.revocable,
         plan_id=cast.plan_id,
         grant_id=cast.grant_of(cell.account) if "{grant_id}" in cell.path else None,
+        rule_id=cast.rule_of(cell.account) if "{rule_id}" in cell.path else None,
     )
+    cast.ready(cell)
     header = cast.authorization[cell.presenter]
     body = BODIES.get((cell.method, cell.path))
     return await client.request(
@@ -350,7 +390,9 @@ async def test_open_routes_answer_without_a_key(client: Client, cast: Cast) -> N
 
 async def test_options_answers_without_a_key_and_tells_nothing(client: Client, cast: Cast) -> None:
     for path in sorted({path for _, path in POLICY}):
-        url = path.format(account_id=cast.accounts["C"], key_id="k", plan_id="p", grant_id="g")
+        url = path.format(
+            account_id=cast.accounts["C"], key_id="k", plan_id="p", grant_id="g", rule_id="r"
+        )
         response = await client.options(url)
         assert response.status_code == 204, (url, response.text)
         # Litestar 2.25 lists only some of a route's methods: what matters is the empty body

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -20,10 +19,9 @@ from meterline.quotas.engine import NeedsRebuild, QuotaEngine, Settlement, Windo
 from meterline.quotas.plans import Limits, PlanLimits, PlanVersion
 from meterline.quotas.rebuild import WarehouseCounts, rebuild
 from meterline.quotas.windows import Window
-from meterline.tokens import TokenUsage
 from meterline.usage.clickhouse import ClickHouseUsageStore
 from meterline.usage.model import PricedEvent
-from support.quotas import clear_of_midnight
+from support.quotas import clear_of_midnight, priced
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 CENT = PICOS_PER_USD // 100
@@ -53,32 +51,6 @@ async def engine() -> AsyncIterator[QuotaEngine]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
-
-
-def priced(
-    account: str, *, tokens: int, cents: int, api_key_id: str = "k1", model: str = "gpt-4.1"
-) -> PricedEvent:
-    now = datetime.now(UTC)
-    return PricedEvent(
-        account_id=account,
-        event_id=str(uuid.uuid4()),
-        api_key_id=api_key_id,
-        model=model,
-        provider="openai",
-        occurred_at=now,
-        received_at=now,
-        status="ok",
-        usage=TokenUsage(input_tokens=tokens, output_tokens=tokens),
-        latency_ms=900,
-        ttft_ms=300,
-        price_id="p",
-        price_tier="",
-        cost_picos=cents * CENT,
-        provider_usage_json="",
-        kafka_partition=0,
-        kafka_offset=0,
-        charge_picos=cents * CENT,
-    )
 
 
 def settlement(e: PricedEvent) -> tuple[Settlement, PlanVersion, str]:

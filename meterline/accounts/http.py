@@ -32,7 +32,12 @@ from litestar.openapi.spec import Components, SecurityRequirement, SecuritySchem
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from meterline.accounts.auth import Authenticator, Unauthenticated, bearer_token
-from meterline.accounts.model import Principal
+from meterline.accounts.model import (
+    MAX_ACCOUNT_ID_LENGTH,
+    AccountNotFound,
+    Principal,
+    account_id_problem,
+)
 
 __all__ = [
     "ACCESS_ERRORS",
@@ -42,6 +47,7 @@ __all__ = [
     "BearerAuthentication",
     "admin_only",
     "any_key",
+    "path_account",
     "principal_of",
     "reads_account",
 ]
@@ -129,3 +135,10 @@ def reads_account(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHa
 def any_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """What every valid key may read (the price catalog)."""
     principal_of(connection)
+
+
+def path_account(account_id: str) -> str:
+    """A path's account id; one no account could have is a 404, as an absent one is."""
+    if account_id_problem(account_id) is not None:
+        raise AccountNotFound(f"no account {account_id[:MAX_ACCOUNT_ID_LENGTH]!r}")
+    return account_id

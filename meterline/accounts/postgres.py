@@ -22,7 +22,7 @@ from meterline.accounts.model import (
 from meterline.accounts.store import AccountUpdate, StoredKey
 from meterline.lib.postgres import Database
 
-__all__ = ["PostgresAccountStore"]
+__all__ = ["PostgresAccountStore", "require_account"]
 
 _ACCOUNT_COLUMNS = (
     "account_id, name, status, timezone, currency, metadata, registered_by, created_at, updated_at"
@@ -245,3 +245,12 @@ class PostgresAccountStore:
             {"check": check},
         )
         return bool(rows[0]["same"])
+
+
+def require_account(database: Database, account_id: str) -> None:
+    """Raises AccountNotFound for an account that does not exist (a slice's reads of an
+    account's rows answer 404 for it, not an empty list)."""
+    if not database.rows(
+        "SELECT 1 FROM accounts WHERE account_id = %(account)s", {"account": account_id}
+    ):
+        raise AccountNotFound(f"no account {account_id!r}")

@@ -29,10 +29,10 @@ from meterline.accounts.http import (
     ACCESS_ERRORS,
     KEY_REQUIRED,
     admin_only,
+    path_account,
     principal_of,
     reads_account,
 )
-from meterline.accounts.model import MAX_ACCOUNT_ID_LENGTH, AccountNotFound, account_id_problem
 from meterline.catalog.schemas import instant_parameter
 from meterline.credits.check import check_ledger
 from meterline.credits.model import EntryKind
@@ -107,12 +107,6 @@ class LedgerCheckOut(BaseModel):
     differing: list[str]
 
 
-def _account(account_id: str) -> str:
-    if account_id_problem(account_id) is not None:
-        raise AccountNotFound(f"no account {account_id[:MAX_ACCOUNT_ID_LENGTH]!r}")
-    return account_id
-
-
 def _who(request: Request[Any, Any, Any]) -> str:
     return f"api:{principal_of(request).key_id}"
 
@@ -154,7 +148,7 @@ class CreditsController(Controller):
         before (409 if for other terms). Credits first pay what usage owes."""
         grant, made = await asyncio.to_thread(
             lambda: ledger.grant(
-                _account(account_id),
+                path_account(account_id),
                 amount_picos=data.amount_usd,
                 kind=data.kind,
                 priority=data.priority,
@@ -184,7 +178,7 @@ class CreditsController(Controller):
     ) -> Response[Any]:
         entry, made = await asyncio.to_thread(
             lambda: ledger.void(
-                _account(account_id),
+                path_account(account_id),
                 grant_id,
                 idempotency_key=data.idempotency_key,
                 reason=data.reason,
@@ -210,7 +204,7 @@ class CreditsController(Controller):
     ) -> Response[Any]:
         entry, made = await asyncio.to_thread(
             lambda: ledger.adjust(
-                _account(account_id),
+                path_account(account_id),
                 amount_picos=data.amount_usd,
                 reason=data.reason,
                 idempotency_key=data.idempotency_key,
@@ -227,7 +221,7 @@ class CreditsController(Controller):
         """The balance (the sum of its entries), what it may spend now, what requests in
         flight hold of it, what usage owes beyond its grants, and its open grants in the
         order they are spent."""
-        found = await asyncio.to_thread(ledger.balance, _account(account_id))
+        found = await asyncio.to_thread(ledger.balance, path_account(account_id))
         held: int | None = 0
         if credit_gate is not None:
             try:
@@ -252,7 +246,7 @@ class CreditsController(Controller):
         """In posting order; ``from``/``to`` bound when entries took effect."""
         entries = await asyncio.to_thread(
             lambda: ledger.entries(
-                _account(account_id),
+                path_account(account_id),
                 after=after,
                 limit=limit,
                 kinds=kind or (),
@@ -283,7 +277,7 @@ class CreditsController(Controller):
         now = datetime.now(UTC)
         begin = month_start(now) if start is None else instant_parameter("from", start)
         until = now if end is None else instant_parameter("to", end)
-        await asyncio.to_thread(ledger.require, _account(account_id))
+        await asyncio.to_thread(ledger.require, path_account(account_id))
         found = await asyncio.to_thread(
             check_ledger, ledger, warehouse, plans, account_id, begin, until
         )

@@ -22,6 +22,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from meterline.accounts.model import AccountNotFound
+from meterline.accounts.postgres import require_account
 from meterline.credits.model import (
     MAX_GRANT_PICOS,
     Balance,
@@ -344,10 +345,7 @@ class PostgresLedger:
 
     def require(self, account_id: str) -> None:
         """Raises AccountNotFound for an account that does not exist."""
-        if not self.database.rows(
-            "SELECT 1 FROM accounts WHERE account_id = %(account)s", {"account": account_id}
-        ):
-            raise AccountNotFound(f"no account {account_id!r}")
+        require_account(self.database, account_id)
 
     def balance(self, account_id: str, *, now: datetime | None = None) -> Balance:
         """The account's balance, what it may spend now, what it owes, its open grants."""

@@ -12,7 +12,7 @@ from meterline.catalog.schemas import Instant
 from meterline.credits.model import MAX_GRANT_PICOS, Balance, Entry, Grant, GrantKind
 from meterline.money import PICOS_PER_USD, format_usd, to_decimal, usd_to_picos
 
-__all__ = ["AdjustmentIn", "BalanceOut", "EntryOut", "GrantIn", "GrantOut", "VoidIn"]
+__all__ = ["AdjustmentIn", "BalanceOut", "EntryOut", "GrantIn", "GrantOut", "VoidIn", "picos_of"]
 
 IdempotencyKey = Annotated[
     str,
@@ -27,7 +27,8 @@ IdempotencyKey = Annotated[
 _MAX_USD = MAX_GRANT_PICOS // PICOS_PER_USD
 
 
-def _picos(value: object, *, what: str, signed: bool) -> int:
+def picos_of(value: object, *, what: str, signed: bool) -> int:
+    """A decimal-string USD amount of a body as pico-dollars, within the ledger's bounds."""
     if isinstance(value, float):
         raise ValueError(f'{what} is a decimal string such as "25.00", not a float')
     if not isinstance(value, str | int):
@@ -68,7 +69,7 @@ class GrantIn(BaseModel):
     @field_validator("amount_usd", mode="before")
     @classmethod
     def _amount(cls, value: object) -> int:
-        return _picos(value, what="amount_usd", signed=False)
+        return picos_of(value, what="amount_usd", signed=False)
 
 
 class AdjustmentIn(BaseModel):
@@ -86,7 +87,7 @@ class AdjustmentIn(BaseModel):
     @field_validator("amount_usd", mode="before")
     @classmethod
     def _amount(cls, value: object) -> int:
-        return _picos(value, what="amount_usd", signed=True)
+        return picos_of(value, what="amount_usd", signed=True)
 
 
 class VoidIn(BaseModel):

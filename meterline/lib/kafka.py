@@ -156,14 +156,15 @@ class EmbeddedBroker:
 
 
 async def ensure_topics(bootstrap_servers: str, kafka: KafkaSettings) -> None:
-    """Create the usage and dead-letter topics when missing (several partitions)."""
+    """Create the usage, dead-letter and alerts topics when missing (several partitions)."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers, request_timeout_ms=kafka.request_timeout_ms
     )
     await _retry_connect(admin.start)
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in (kafka.topic, kafka.dead_letter_topic) if t not in existing]
+        wanted = (kafka.topic, kafka.dead_letter_topic, kafka.alerts_topic)
+        missing = [t for t in wanted if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
@@ -207,6 +208,12 @@ def new_producer(bootstrap_servers: str, kafka: KafkaSettings) -> AIOKafkaProduc
 
 
 async def start_producer(bootstrap_servers: str, kafka: KafkaSettings) -> AIOKafkaProducer:
+    """A started producer; one that cannot start is stopped (nothing left open) and
+    the error raised."""
     producer = new_producer(bootstrap_servers, kafka)
-    await _retry_connect(producer.start)
+    try:
+        await _retry_connect(producer.start)
+    except BaseException:
+        await producer.stop()
+        raise
     return producer

@@ -35,6 +35,9 @@ class KafkaSettings(BaseSettings):
     dead_letter_topic: str = Field(
         "usage.events.dlq", description="Records that cannot be decoded or fail validation."
     )
+    alerts_topic: str = Field(
+        "meterline.alerts", description="Alerts fired, for systems that would rather consume."
+    )
     partitions: int = Field(
         6, ge=1, description="Partitions for topics meterline creates when they are missing."
     )
@@ -172,6 +175,32 @@ class QuotaSettings(BaseSettings):
     )
 
 
+class AlertSettings(BaseSettings):
+    model_config = _prefix("ALERTS_")
+
+    retry_base_s: float = Field(
+        1.0, gt=0, le=3_600, description="A failed delivery is tried again after this, doubling."
+    )
+    retry_max_s: float = Field(
+        3_600.0, gt=0, description="The longest wait between two attempts of a delivery."
+    )
+    max_attempts: int = Field(
+        12, ge=1, le=100, description="Attempts of a delivery before it is marked failed."
+    )
+    timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Longest a webhook receiver may take to answer."
+    )
+    poll_s: float = Field(
+        1.0, gt=0, le=60, description="How often the API looks for alerts due to be sent."
+    )
+    lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="A sender holds a delivery this long: one that stopped mid-send is "
+        "sent by another after it.",
+    )
+
+
 class PipelineSettings(BaseSettings):
     model_config = _prefix("PIPELINE_")
 
@@ -290,6 +319,7 @@ class Settings(BaseSettings):
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     quota: QuotaSettings = Field(default_factory=QuotaSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     keys: KeySettings = Field(default_factory=KeySettings)
     accounts: AccountSettings = Field(default_factory=AccountSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)

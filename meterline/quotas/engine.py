@@ -280,14 +280,6 @@ def _ms(at: datetime) -> int:
     return (at - _EPOCH) // timedelta(milliseconds=1)
 
 
-def _by_basis(basis: TokenBasis, input_tokens: int, output_tokens: int) -> int:
-    if basis is TokenBasis.INPUT:
-        return input_tokens
-    if basis is TokenBasis.OUTPUT:
-        return output_tokens
-    return input_tokens + output_tokens
-
-
 def request_scopes(
     plan: PlanVersion, api_key_id: str | None, model: str | None
 ) -> list[tuple[str, Limits]]:
@@ -530,7 +522,7 @@ class QuotaEngine:
         self._redis_back()
         estimate = {
             "requests": 1,
-            "tokens": _by_basis(plan.limits.token_basis, request.input_tokens, reserved_output),
+            "tokens": plan.limits.token_basis.counted(request.input_tokens, reserved_output),
             "spend": estimated_charge_picos,
         }
         return self._decide(result, groups, plan.limits.token_basis, estimate, at)
@@ -576,7 +568,7 @@ class QuotaEngine:
             lim = g.limits
             if g.kind == "m":
                 requests, input_tokens, output_tokens, wait_r, wait_t = values
-                tokens = _by_basis(basis, input_tokens, output_tokens)
+                tokens = basis.counted(input_tokens, output_tokens)
                 never = wait_t == -2  # the estimate alone exceeds the cap
                 add(
                     "requests_per_minute",
@@ -621,7 +613,7 @@ class QuotaEngine:
                 unit, end = g.ref.window.value, g.ref.end
                 retry = max((end - at).total_seconds(), 0.0)
                 caps = _window_caps(lim, g.ref.window)
-                tokens = _by_basis(basis, input_tokens, output_tokens)
+                tokens = basis.counted(input_tokens, output_tokens)
                 spend = dollars * PICOS_PER_USD + picos
                 add("requests_per_day", g, caps[0], requests, "requests", retry=retry, end=end)
                 add(f"tokens_per_{unit}", g, caps[1], tokens, "tokens", retry=retry, end=end)

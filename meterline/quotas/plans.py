@@ -80,6 +80,14 @@ class TokenBasis(StrEnum):
     OUTPUT = "output"
     TOTAL = "total"
 
+    def counted(self, input_tokens: int, output_tokens: int) -> int:
+        """The tokens a limit on this basis counts (check.lua's ``tokens`` says the same)."""
+        if self is TokenBasis.INPUT:
+            return input_tokens
+        if self is TokenBasis.OUTPUT:
+            return output_tokens
+        return input_tokens + output_tokens
+
 
 class Limits(BaseModel):
     """Limits of one scope (the account, each API key, a model); None: no limit."""

@@ -56,6 +56,8 @@ from meterline.accounts import AccountExists, AccountNotFound, Authenticator, Ke
 from meterline.accounts.controller import AccountController, KeyController
 from meterline.accounts.http import BEARER_COMPONENTS, OPEN, BearerAuthentication
 from meterline.accounts.manage import Accounts
+from meterline.alerts.controller import AlertBook, AlertsController
+from meterline.alerts.postgres import RuleNotFound
 from meterline.catalog import PriceBook
 from meterline.catalog.controller import CatalogController
 from meterline.credits.controller import CreditsController
@@ -240,6 +242,7 @@ EXCEPTION_HANDLERS: Mapping[int | type[Exception], Callable[..., Response[Any]]]
     AccountNotFound: _not_found,
     KeyNotFound: _not_found,
     PlanNotFound: _not_found,
+    RuleNotFound: _not_found,
     AccountExists: _conflict,  # a ValueError too: the nearest entry in its MRO wins
     IdempotencyConflict: _conflict,
     # a schema failing inside our own code is a bug, not the client's mistake
@@ -362,6 +365,7 @@ def create_app(
     plans: PlanStore | None = None,
     quotas: QuotaDesk | None = None,
     ledger: PostgresLedger | None = None,
+    alerts: AlertBook | None = None,
     registry: CollectorRegistry | None = None,
     settings: HttpSettings | None = None,
 ) -> Litestar:
@@ -383,6 +387,8 @@ def create_app(
         ledger: Prepaid credits, under ``/v1/accounts/{account_id}/grants``,
             ``/balance``, ``/ledger`` and ``/adjustments``; needs ``plans`` too (the
             ledger check reads which plans are prepaid).
+        alerts: Alert rules, the webhook and the alerts fired, under
+            ``/v1/accounts/{account_id}/alerts``.
         registry: Where the API counts its requests, served at ``/metrics`` with
             whatever else the process registered there. Default: a new one.
         settings: The process's HTTP settings; default: the defaults.
@@ -414,6 +420,9 @@ def create_app(
         handlers.append(CreditsController)
         dependencies["ledger"] = _constant(ledger)
         dependencies["credit_gate"] = _constant(quotas)
+    if alerts is not None:
+        handlers.append(AlertsController)
+        dependencies["alerts"] = _constant(alerts)
     if quotas is not None:
         handlers.append(AccountQuotaController)
         dependencies["quotas"] = _constant(quotas)

@@ -20,6 +20,7 @@ from conftest import unique
 from meterline.accounts import KeyRing
 from meterline.accounts.grpc import key_channel
 from meterline.accounts.manage import Accounts, IssuedKey
+from meterline.alerts.postgres import AlertStore
 from meterline.catalog import PriceBook, parse_price
 from meterline.credits.postgres import PostgresLedger
 from meterline.lib.kafka import free_port
@@ -27,16 +28,22 @@ from meterline.lib.metrics import CollectorRegistry
 from meterline.lib.postgres import Database
 from meterline.lib.settings import HttpSettings, QuotaSettings, Settings
 from meterline.lib.warehouse import Warehouse
+from meterline.money import PICOS_PER_USD
 from meterline.quotas.desk import TERMS_REFRESH_S, QuotaDesk
 from meterline.quotas.engine import QuotaRequest
 from meterline.quotas.plans import PlanTerms
 from meterline.quotas.postgres import PostgresPlanStore
 from meterline.quotas.windows import Window, window_bounds
+from meterline.tokens import TokenUsage
+from meterline.usage.model import PricedEvent
 from meterline.v1 import quota_pb2, quota_pb2_grpc
 from services.quota.server import QuotaServer
 from services.up import Access, ApiServer
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+CENT = PICOS_PER_USD // 100
+#: The server secret of the APIs tests serve (webhooks' signing secrets derive from it).
+SERVER_SECRET = b"tests-server-secret-0123456789"
 
 
 @dataclass
@@ -138,7 +145,15 @@ async def serving(
     """The HTTP API with ``desk`` behind its quota route, as `meterline up` runs it; yields
     its URL."""
     settings = Settings(http=HttpSettings(port=free_port()))
-    access = Access(key_ring, accounts, key_ring, desk.plans, desk.ledger)
+    access = Access(
+        key_ring,
+        accounts,
+        key_ring,
+        desk.plans,
+        desk.ledger,
+        AlertStore(desk.ledger.database),
+        SERVER_SECRET,
+    )
     server = ApiServer(settings, warehouse, CollectorRegistry(), access, desk)
     await server.start()
     try:
@@ -196,3 +211,30 @@ async def quota_server(
             for channel in running.channels:
                 await channel.close(grace=None)
             await server.stop()
+
+
+def priced(
+    account: str, *, tokens: int, cents: int, api_key_id: str = "k1", model: str = "gpt-4.1"
+) -> PricedEvent:
+    """A priced event of now, ``tokens`` in and out, charged ``cents``."""
+    now = datetime.now(UTC)
+    return PricedEvent(
+        account_id=account,
+        event_id=str(uuid.uuid4()),
+        api_key_id=api_key_id,
+        model=model,
+        provider="openai",
+        occurred_at=now,
+        received_at=now,
+        status="ok",
+        usage=TokenUsage(input_tokens=tokens, output_tokens=tokens),
+        latency_ms=900,
+        ttft_ms=300,
+        price_id="p",
+        price_tier="",
+        cost_picos=cents * CENT,
+        provider_usage_json="",
+        kafka_partition=0,
+        kafka_offset=0,
+        charge_picos=cents * CENT,
+    )
