@@ -485,17 +485,19 @@ def pricing_pipeline(
         plans=plans,
         accounts=access.accounts.store,
     )
+    watcher = alert_watcher(access, wh)
     try:
         handlers: list[FlushHandler] = [
             AccountRegistrar(access.accounts.store),
             LedgerPoster(access.ledger, plans, credits_to=settler.take_credits),
             settler,
-            alert_watcher(access, wh),
+            watcher,
         ]
         yield PricingPipeline(
             settings, wh, bootstrap, handlers=handlers, plans=plans, registry=registry
         )
     finally:
+        watcher.close()
         settler.close()
 
 

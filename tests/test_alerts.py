@@ -357,5 +357,9 @@ async def test_the_pipeline_fires_a_crossing_once_across_batches(
         await stack.wait_for_requests(account, n)
     await stack.stop_pipelines()
     assert desk.ledger.balance(account).available_picos == usd_to_picos(Decimal("0.00664"))
+    async with asyncio.timeout(10):  # the watcher's thread evaluates after the commit
+        while not desk.store.alerts(account):
+            await asyncio.sleep(0.05)
+    desk.watcher.close()
     (alert,) = desk.store.alerts(account)  # below after the second batch; once
     assert alert.payload["available_usd"] in ("0.00776", "0.00664")

@@ -3,6 +3,10 @@
 for every account with rules (the API's sweep: credits come close to their expiry with
 no usage at all).
 
+The handler only notes the batch's accounts; a thread of the watcher's own evaluates
+them, so a batch's commit never waits for alerts. Notes a stopped (or killed)
+pipeline did not evaluate are the next sweep's.
+
 What a rule reads is the source of truth, not a cache: the ledger for credits, the
 warehouse for a window's spend and tokens (in the account's time zone, the quota
 windows' own definition). An alert fires once per crossing (:mod:`.model`); the store
@@ -14,6 +18,7 @@ waits for alerts: the handler swallows its errors, the next sweep catches up.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,15 +73,45 @@ class AlertWatcher:
         self.plans = plans
         self.accounts = accounts
         self.counts = counts
+        #: accounts of stored batches, not evaluated yet
+        self._due: set[str] = set()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._worker: threading.Thread | None = None
 
     def on_flush(self, events: Sequence[PricedEvent]) -> None:
-        """The batch's accounts; never fails the batch (the sweep catches up)."""
+        """Note the batch's accounts for the watcher's thread; never fails the batch."""
         if not events:
             return
-        try:
-            self.evaluate({e.account_id for e in events})
-        except Exception as exc:
-            log.warning("alerts: could not evaluate the batch's accounts: %s", exc)
+        with self._wake:
+            self._due.update(e.account_id for e in events)
+            if self._worker is None and not self._closed:
+                self._worker = threading.Thread(
+                    target=self._evaluate_due, name="alert-watcher", daemon=True
+                )
+                self._worker.start()
+            self._wake.notify()
+
+    def _evaluate_due(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                due, self._due = self._due, set()
+            try:
+                self.evaluate(due)
+            except Exception as exc:  # the store is down: the next sweep catches up
+                log.warning("alerts: could not evaluate %d accounts: %s", len(due), exc)
+
+    def close(self) -> None:
+        """Stop the thread; what it has not begun is left to the sweep."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
 
     def sweep(self, *, now: datetime | None = None) -> list[Alert]:
         """Every account with rules."""
