@@ -53,3 +53,6 @@ def configure_logging(log_format: Literal["text", "json"], level: int = logging.
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # a line per webhook request is the client library's chatter: attempts are recorded
+    # (GET .../alerts), failures logged by the alerts' sender
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
