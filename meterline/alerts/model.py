@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "ALERT_ID_HEADER",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "Alert",

@@ -21,6 +21,7 @@ _FIELDS = {
     AlertKind.SPEND_SHARE: {"share_percent", "calendar"},
     AlertKind.TOKENS_SHARE: {"share_percent", "calendar"},
 }
+_ALL = {"threshold_usd", "within_hours", "share_percent", "calendar"}
 _REQUIRED = {
     AlertKind.BALANCE_BELOW: {"threshold_usd"},
     AlertKind.CREDITS_EXPIRING: {"within_hours"},
@@ -74,9 +75,6 @@ class RuleIn(BaseModel):
     @property
     def within(self) -> timedelta | None:
         return None if self.within_hours is None else timedelta(hours=self.within_hours)
-
-
-_ALL = {"threshold_usd", "within_hours", "share_percent", "calendar"}
 
 
 class RuleOut(BaseModel):

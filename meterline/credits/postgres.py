@@ -350,6 +350,7 @@ class PostgresLedger:
     def balance(self, account_id: str, *, now: datetime | None = None) -> Balance:
         """The account's balance, what it may spend now, what it owes, its open grants."""
         now = now or datetime.now(UTC)
+        self.require(account_id)
         balance, owed, _, grants = self._read(account_id)
         # grants expired since the last posting are not spendable, though not yet released
         return Balance(
@@ -362,14 +363,14 @@ class PostgresLedger:
         )
 
     def credit(self, account_id: str, *, now: datetime | None = None) -> CreditState:
-        """What the account may spend now, with the version of the postings it holds."""
+        """What the account may spend now, with the version of the postings it holds; an
+        account never posted to (or none at all) has nothing, at version 0."""
         now = now or datetime.now(UTC)
         _, owed, version, grants = self._read(account_id)
         return credit_state(account_id, grants, owed, version, now)
 
     def _read(self, account_id: str) -> tuple[int, int, int, list[Grant]]:
         """(balance, owed, version, open grants), all of one snapshot."""
-        self.require(account_id)
         with self.database.transaction() as connection:
             cursor = connection.cursor(row_factory=dict_row)
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")

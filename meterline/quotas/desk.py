@@ -33,7 +33,6 @@ import redis.asyncio
 from meterline.accounts.model import AccountNotFound, AccountStatus
 from meterline.accounts.store import AccountStore
 from meterline.catalog import Catalog, PriceBook
-from meterline.credits.model import CreditState
 from meterline.credits.postgres import PostgresLedger
 from meterline.lib.settings import QuotaSettings
 from meterline.lib.warehouse import Warehouse
@@ -215,7 +214,11 @@ class QuotaDesk:
             if not missing or attempt:
                 break
             await self._restore(
-                request.account_id, plan, decision.needs_rebuild, credits=True, now=now
+                request.account_id,
+                plan,
+                decision.needs_rebuild,
+                credits=decision.needs_credits,
+                now=now,
             )
         if decision.needs_rebuild or decision.needs_credits:
             # restored, and gone again: Redis is losing keys
@@ -233,7 +236,7 @@ class QuotaDesk:
     ) -> None:
         if refs:
             await self._rebuild(account_id, plan, refs)
-        if credits and plan.billing == "prepaid":
+        if credits:
             await self._credits(account_id, now)
 
     async def refresh_credits(self, account_id: str) -> None:
@@ -264,10 +267,7 @@ class QuotaDesk:
 
     async def _read_credits(self, account_id: str, now: datetime | None) -> int:
         """``now``: tests only, the clock of the ledger's read and of Redis."""
-        try:
-            state = await asyncio.to_thread(lambda: self.ledger.credit(account_id, now=now))
-        except AccountNotFound:  # no account, no credits: nothing is spendable
-            state = CreditState(account_id, 0, 0, None)
+        state = await asyncio.to_thread(lambda: self.ledger.credit(account_id, now=now))
         return await self.engine.publish_credits([state], now=now)
 
     async def _rebuild(self, account_id: str, plan: PlanVersion, refs: Sequence[WindowRef]) -> None:
